@@ -1,0 +1,19 @@
+"""distsgd: tf.keras's SGD (OptimizerV2 API) for numpy, replicated across MPI ranks.
+
+Importing distsgd never initialises MPI.
+"""
+
+from distsgd import distribute, optimizers
+from distsgd.indexed_slices import IndexedSlices
+from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
+
+__all__ = [
+    "IndexedSlices",
+    "Variable",
+    "VariableAggregation",
+    "VariableSynchronization",
+    "__version__",
+    "distribute",
+    "optimizers",
+]
+__version__ = "0.1.0"
