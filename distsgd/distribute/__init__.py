@@ -1,5 +1,17 @@
 """Data-parallel training across MPI ranks (tf.distribute vocabulary)."""
 
-from distsgd.distribute.strategy import get_strategy
+from distsgd.distribute.aggregation import MismatchError
+from distsgd.distribute.comm import CollectiveTimeoutError
+from distsgd.distribute.data import ShardedBatches, replica_share
+from distsgd.distribute.strategy import MPIStrategy, ReduceOp, Strategy, get_strategy
 
-__all__ = ["get_strategy"]
+__all__ = [
+    "CollectiveTimeoutError",
+    "MPIStrategy",
+    "MismatchError",
+    "ReduceOp",
+    "ShardedBatches",
+    "Strategy",
+    "get_strategy",
+    "replica_share",
+]
