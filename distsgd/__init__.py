@@ -4,6 +4,7 @@ Importing distsgd never initialises MPI.
 """
 
 from distsgd import distribute, optimizers
+from distsgd.gradients import gradients, value_and_gradients
 from distsgd.indexed_slices import IndexedSlices
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
@@ -14,6 +15,8 @@ __all__ = [
     "VariableSynchronization",
     "__version__",
     "distribute",
+    "gradients",
     "optimizers",
+    "value_and_gradients",
 ]
 __version__ = "0.1.0"

@@ -9,14 +9,15 @@
 
 Every call, in the same order on every rank:
 
-1. one tiny ``Allreduce(BOR)`` of a 64-bit signature hash and its complement: equal on
-   all ranks only if every rank passes the same variables (names, shapes, dtypes,
-   policies) in the same order; otherwise every rank raises the same
-   :class:`MismatchError` naming the variable and the ranks;
-2. one ``Allreduce(BOR)`` of a byte per variable: bit 0 "dense here", bit 1 "sparse
-   here", so a variable whose gradient is ``None`` on some ranks is sent as zeros (or
-   an empty slice) there instead of being skipped, which would hang the others;
-   mixed dense/sparse becomes dense, as in TF;
+1. one tiny ``Allreduce(BOR)`` of a 64-bit signature hash, its complement and a flag
+   byte: the hash comes back unchanged on all ranks only if every rank passes the
+   same variables (names, shapes, dtypes, policies) in the same order; otherwise
+   every rank raises the same :class:`MismatchError` naming the variable and the
+   ranks. The flag says whether any rank has a ``None`` or sparse gradient;
+2. only then, one ``Allreduce(BOR)`` of a byte per variable: bit 0 "dense here",
+   bit 1 "sparse here", so a variable whose gradient is ``None`` on some ranks is
+   sent as zeros (or an empty slice) there instead of being skipped, which would
+   hang the others; mixed dense/sparse becomes dense, as in TF;
 3. dense gradients, packed into flat per-(dtype, route) buckets, reduced in place
    (chunked ``Allreduce`` for sum/mean, ``Bcast`` from rank 0 for first);
 4. sparse gradients gathered with ``Allgatherv``: values and indices concatenated in
@@ -33,6 +34,7 @@ import numpy as np
 
 from distsgd.distribute.fusion import Bucket, Entry, plan_buckets
 from distsgd.indexed_slices import IndexedSlices, to_dense
+from distsgd.timeline import timeline
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
 __all__ = ["GradientAggregator", "MismatchError", "route_of"]
@@ -60,17 +62,18 @@ def signature_hash(signature: Sequence[Any]) -> bytes:
 
 
 def agree_or_raise(communicator: Any, signature: Sequence[Any], digest: bytes, what: str,
-                   describe: Any = repr) -> None:
+                   describe: Any = repr, flag: int = 0) -> int:
     """Prove every rank holds the same ``signature``, or raise the same error on all.
 
-    One ``Allreduce(BOR)`` of ``digest`` and its complement: both come back unchanged
-    on every rank exactly when all digests are equal.
+    One ``Allreduce(BOR)`` of ``digest``, its complement and ``flag`` (a byte): the
+    digest and complement come back unchanged on every rank exactly when all
+    digests are equal. Returns the OR of every rank's ``flag``.
     """
     mine = np.frombuffer(digest, dtype=np.uint8)
-    header = np.concatenate([mine, ~mine])
+    header = np.concatenate([mine, ~mine, np.array([flag], dtype=np.uint8)])
     communicator.allreduce_(header, "bor", what=f"{what}: signature check")
-    if np.array_equal(header[:8], mine) and np.array_equal(header[8:], ~mine):
-        return
+    if np.array_equal(header[:8], mine) and np.array_equal(header[8:16], ~mine):
+        return int(header[16])
     raise MismatchError(_mismatch_message(communicator.allgather_object(list(signature)),
                                           what, describe))
 
@@ -125,11 +128,13 @@ class GradientAggregator:
             return grads
         signature, digest, positions = self._signature(variables)
         what = f"gradient aggregation (call {self.calls})"
-        agree_or_raise(self.communicator, signature, digest, what, _describe)
+        kinds = np.array([_kind(grads[i]) for i in positions], dtype=np.uint8)
+        not_all_dense = int(bool(np.any(kinds != _DENSE)))
+        if agree_or_raise(self.communicator, signature, digest, what, _describe,
+                          flag=not_all_dense):
+            self.communicator.allreduce_(kinds, "bor", what=f"{what}: gradient kinds")
         if not positions:
             return grads
-        kinds = np.array([_kind(grads[i]) for i in positions], dtype=np.uint8)
-        self.communicator.allreduce_(kinds, "bor", what=f"{what}: gradient kinds")
 
         result = list(grads)
         dense_entries, sparse_positions = [], []
@@ -177,12 +182,14 @@ class GradientAggregator:
             bucket.pack_(grads)
             label = (f"{what}: bucket {number + 1}/{len(buckets)} ({bucket.route}, "
                      f"{bucket.dtype.name}, {bucket.nbytes} bytes)")
-            if bucket.route == FIRST:
-                self.communicator.bcast_(bucket.buffer, root=0, what=label)
-            else:
-                self.communicator.allreduce_(bucket.buffer, "sum", what=label)
-                if bucket.route == MEAN:
-                    np.divide(bucket.buffer, size, out=bucket.buffer)
+            with timeline.span(f"bucket {number + 1}", "aggregate", route=bucket.route,
+                               dtype=bucket.dtype.name, bytes=bucket.nbytes):
+                if bucket.route == FIRST:
+                    self.communicator.bcast_(bucket.buffer, root=0, what=label)
+                else:
+                    self.communicator.allreduce_(bucket.buffer, "sum", what=label)
+                    if bucket.route == MEAN:
+                        np.divide(bucket.buffer, size, out=bucket.buffer)
             for entry, view in zip(bucket.entries, bucket.views(), strict=True):
                 result[entry.position] = view
 

@@ -23,15 +23,11 @@ import numpy as np
 from distsgd import clipping, kernels
 from distsgd._validation import check_number
 from distsgd.distribute.strategy import get_strategy
+from distsgd.gradients import gradients
 from distsgd.indexed_slices import IndexedSlices, deduplicate
 from distsgd.optimizers import schedules as schedules_lib
-from distsgd.variables import (
-    Variable,
-    VariableAggregation,
-    VariableSynchronization,
-    register_with_autograd,
-    trace_reads,
-)
+from distsgd.timeline import timeline
+from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
 __all__ = ["Optimizer"]
 
@@ -302,8 +298,13 @@ class Optimizer:
         pairs = _validate_grads_and_vars(grads_and_vars)
         grads = [g for g, _ in pairs]
         if experimental_aggregate_gradients:
-            grads = get_strategy()._aggregate_gradients(pairs)
+            with timeline.span("aggregate"):
+                grads = get_strategy()._aggregate_gradients(pairs)
         pairs = _filter_grads(list(zip(grads, (v for _, v in pairs), strict=True)))
+        with timeline.span("update"):
+            return self._apply(pairs)
+
+    def _apply(self, pairs: list[tuple[Gradient, Variable]]) -> Variable:
         apply_state = self._prepare(pairs)
         pairs = self._clip(pairs)
 
@@ -399,18 +400,11 @@ class Optimizer:
 
     def _compute_gradients(self, loss: Callable[[], Any], var_list: Any,
                            grad_loss: Any = None) -> list[tuple[Any, Variable]]:
-        if not callable(loss):
-            raise TypeError(f"loss={loss!r}; expected a zero-argument callable")
-        if callable(var_list):
-            loss()
+        if callable(var_list) and callable(loss):
+            loss()  # variables created lazily by the loss exist after a first call
             var_list = var_list()
         var_list = list(_flatten(var_list))
-        for i, var in enumerate(var_list):
-            if not isinstance(var, Variable):
-                raise ValueError(f"var_list[{i}]={var!r} is not a distsgd.Variable")
-        if not var_list:
-            return []
-        return list(zip(_autograd_gradients(loss, var_list, grad_loss), var_list, strict=True))
+        return list(zip(gradients(loss, var_list, grad_loss), var_list, strict=True))
 
     # --- config --------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -534,35 +528,3 @@ def _filter_grads(pairs: list[tuple[Gradient | None, Variable]]
         warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss.",
                       stacklevel=3)
     return filtered
-
-
-def _autograd_gradients(loss: Callable[[], Any], var_list: list[Variable],
-                        grad_loss: Any) -> list[np.ndarray | None]:
-    """Reverse-mode gradients of ``loss()`` w.r.t. each variable (``None`` if unused)."""
-    from autograd import make_vjp
-
-    register_with_autograd()
-
-    first = {}
-    for i, var in enumerate(var_list):
-        first.setdefault(id(var), i)
-    used: set[int] = set()
-
-    def traced(values: Any) -> Any:
-        boxes = {key: values[i] for key, i in first.items()}
-        with trace_reads(boxes, used):
-            return loss()
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Output seems independent of input")
-        vjp, value = make_vjp(traced)(tuple(v._array for v in var_list))
-        value = np.asarray(value)
-        seed = np.ones_like(value) if grad_loss is None else np.asarray(grad_loss,
-                                                                        dtype=value.dtype)
-        if seed.shape != value.shape:
-            raise ValueError(f"grad_loss has shape {seed.shape}; expected the loss's shape "
-                             f"{value.shape}")
-        grads = vjp(seed)
-    return [np.array(grads[i], dtype=var.dtype, order="C")
-            if id(var) in used and i == first[id(var)] else None
-            for i, var in enumerate(var_list)]

@@ -17,6 +17,6 @@ with strategy.scope():
     else:
         try:
             opt.apply_gradients([(np.ones(3), var)])
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             print(f"rank {strategy.rank} caught {type(error).__name__}: {error}", flush=True)
             strategy.communicator.abort(3)

@@ -1,0 +1,1 @@
+"""``python -m distsgd.train``: data-parallel MLP training on bundled data, under mpirun."""

@@ -1,0 +1,3 @@
+from distsgd.train.cli import main
+
+raise SystemExit(main())
