@@ -113,10 +113,11 @@ def _fsync_directory(path: Path) -> None:
 
 def _raise_if_any_failed(communicator: Any, error: BaseException | None, what: str) -> None:
     """Share every rank's outcome so that all ranks raise the same error, or none."""
-    failures = [f for f in communicator.allgather_object(
-        None if error is None else f"{type(error).__name__}: {error}") if f]
+    mine = None if error is None else str(error) if isinstance(error, CheckpointError) \
+        else f"{what} failed: {type(error).__name__}: {error}"
+    failures = [f for f in communicator.allgather_object(mine) if f]
     if failures:
-        raise CheckpointError(f"{what} failed: {failures[0]}") from error
+        raise CheckpointError(failures[0]) from error
 
 
 def save_checkpoint(directory: str | os.PathLike[str], *, step: int,
@@ -345,7 +346,7 @@ def _planned_entries(variables: Sequence[Variable], optimizer: Any, manifest: di
         key = entry["key"]
         if not key.startswith("slot/"):
             continue
-        _, var_name, slot_name = key.split("/", 2)
+        var_name, slot_name = key[len("slot/"):].rsplit("/", 1)
         var = by_var.get(var_name)
         if var is None:
             raise CheckpointError(f"{path}: slot {key!r} belongs to variable {var_name!r}, "
