@@ -15,8 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.distsgd-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  echo "distsgd: installing distsgd[mpi,test,examples,dev] (numpy, autograd, mpi4py, mpich, ...)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[mpi,test,examples,dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  echo "distsgd: installing distsgd[mpi,fast,test,examples,dev] (numpy, autograd, mpi4py, mpich, ...)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[mpi,fast,test,examples,dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -178,18 +178,23 @@ class GradientAggregator:
         if buckets is None:
             buckets = self._plans[key] = plan_buckets(entries, self.fusion_threshold_bytes)
         size = self.communicator.size
+        chunk_bytes = getattr(self.communicator, "chunk_bytes", 1 << 62)
         for number, bucket in enumerate(buckets):
-            bucket.pack_(grads)
             label = (f"{what}: bucket {number + 1}/{len(buckets)} ({bucket.route}, "
                      f"{bucket.dtype.name}, {bucket.nbytes} bytes)")
+            step = max(1, chunk_bytes // bucket.dtype.itemsize)
             with timeline.span(f"bucket {number + 1}", "aggregate", route=bucket.route,
                                dtype=bucket.dtype.name, bytes=bucket.nbytes):
-                if bucket.route == FIRST:
-                    self.communicator.bcast_(bucket.buffer, root=0, what=label)
-                else:
-                    self.communicator.allreduce_(bucket.buffer, "sum", what=label)
-                    if bucket.route == MEAN:
-                        np.divide(bucket.buffer, size, out=bucket.buffer)
+                for start in range(0, bucket.buffer.size, step):
+                    stop = min(start + step, bucket.buffer.size)
+                    bucket.pack_(grads, start, stop)
+                    chunk = bucket.buffer[start:stop]
+                    if bucket.route == FIRST:
+                        self.communicator.bcast_(chunk, root=0, what=label)
+                    else:
+                        self.communicator.allreduce_(chunk, "sum", what=label)
+                        if bucket.route == MEAN:
+                            np.divide(chunk, size, out=chunk)
             for entry, view in zip(bucket.entries, bucket.views(), strict=True):
                 result[entry.position] = view
 

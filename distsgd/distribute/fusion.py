@@ -7,6 +7,7 @@ collectives on the same buffers. Buffers are allocated once per plan and reused.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,15 +53,27 @@ class Bucket:
         return [self.buffer[offset:offset + entry.size].reshape(entry.shape)
                 for entry, offset in zip(self.entries, self.offsets, strict=True)]
 
-    def pack_(self, grads: Sequence[np.ndarray | None]) -> None:
-        """Copy the entries' gradients in (``None`` is sent as zeros)."""
-        for entry, offset in zip(self.entries, self.offsets, strict=True):
-            part = self.buffer[offset:offset + entry.size]
+    def pack_(self, grads: Sequence[np.ndarray | None], start: int = 0,
+              stop: int | None = None) -> None:
+        """Copy the gradients' elements that fall in ``buffer[start:stop]`` (``None``
+        is sent as zeros). Packing chunk by chunk, right before each chunk is reduced,
+        keeps the copied data in cache for the reduction."""
+        stop = self.buffer.size if stop is None else stop
+        first = max(0, bisect.bisect_right(self.offsets, start) - 1)
+        for index in range(first, len(self.entries)):
+            offset = self.offsets[index]
+            if offset >= stop:
+                break
+            entry = self.entries[index]
+            low, high = max(start, offset), min(stop, offset + entry.size)
+            if low >= high:
+                continue
+            part = self.buffer[low:high]
             grad = grads[entry.position]
             if grad is None:
                 part.fill(0)
             else:
-                np.copyto(part, grad.reshape(-1))
+                np.copyto(part, grad.reshape(-1)[low - offset:high - offset])
 
 
 def plan_buckets(entries: Sequence[Entry], fusion_threshold_bytes: int) -> list[Bucket]:

@@ -98,7 +98,7 @@ class Optimizer:
         self._slot_names: list[str] = []
         self._weights: list[Variable] = []
         self._iterations: Variable | None = None
-        self._scratch = kernels.ScratchBuffers()
+        self._updater = kernels.DenseUpdater()
         self._initial_decay = kwargs.get("decay") or 0.0
         self.clipnorm = kwargs.get("clipnorm")
         self.clipvalue = kwargs.get("clipvalue")
@@ -312,16 +312,33 @@ class Optimizer:
         self._create_hypers()
         iterations = self.iterations
         self._create_slots(var_list)
-        for grad, var in pairs:
-            if isinstance(grad, IndexedSlices):
-                self._resource_apply_sparse_duplicate_indices(grad.values, var, grad.indices,
-                                                              apply_state)
-            else:
-                self._resource_apply_dense(grad, var, apply_state)
-                if var.constraint is not None:
+        if len({id(v) for v in var_list}) == len(var_list):
+            # each variable once: all dense updates together, then sparse ones
+            dense = [(g, v) for g, v in pairs if not isinstance(g, IndexedSlices)]
+            self._apply_dense_batch(dense, apply_state)
+            for grad, var in pairs:
+                if isinstance(grad, IndexedSlices):
+                    self._resource_apply_sparse_duplicate_indices(grad.values, var,
+                                                                  grad.indices, apply_state)
+                elif var.constraint is not None:
                     var.assign(var.constraint(var))
+        else:  # a variable listed twice gets sequential updates, in order
+            for grad, var in pairs:
+                if isinstance(grad, IndexedSlices):
+                    self._resource_apply_sparse_duplicate_indices(grad.values, var,
+                                                                  grad.indices, apply_state)
+                else:
+                    self._resource_apply_dense(grad, var, apply_state)
+                    if var.constraint is not None:
+                        var.assign(var.constraint(var))
         iterations._array += 1
         return iterations
+
+    def _apply_dense_batch(self, pairs: list[tuple[np.ndarray, Variable]],
+                           apply_state: ApplyState) -> None:
+        """All dense updates of a step (distinct variables); override to fuse them."""
+        for grad, var in pairs:
+            self._resource_apply_dense(grad, var, apply_state)
 
     def _prepare(self, pairs: Sequence[tuple[Gradient, Variable]]) -> ApplyState:
         apply_state: ApplyState = {}
@@ -483,9 +500,12 @@ def _as_array(value: Any, var: Variable, what: str) -> np.ndarray:
 
 
 def _validate_gradient(grad: Any, var: Variable, i: int) -> Gradient | None:
-    what = f"gradient for variable {var.name!r} (grads_and_vars[{i}])"
     if grad is None:
         return None
+    if type(grad) is np.ndarray and grad.dtype == var.dtype and grad.shape == var.shape \
+            and grad.flags.c_contiguous:
+        return grad  # the common case, checked without building any message
+    what = f"gradient for variable {var.name!r} (grads_and_vars[{i}])"
     if not isinstance(grad, IndexedSlices):
         array = _as_array(grad, var, what)
         if array.shape != var.shape:

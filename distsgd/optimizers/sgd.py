@@ -72,20 +72,33 @@ class SGD(Optimizer):
     def _update_dense_(self, var: np.ndarray, accum: np.ndarray | None, grad: np.ndarray,
                        coefficients: dict[str, Any]) -> None:
         """The dense update over 1-D arrays: one tensor, or a flat buffer of many."""
-        if accum is None:
-            scratch = self._scratch.get(var.dtype, min(var.size, kernels.BLOCK_ELEMENTS))
-            kernels.gradient_descent_(var, grad, lr=coefficients["lr_t"], scratch=scratch)
+        self._update_dense_many_([var], None if accum is None else [accum], [grad],
+                                 coefficients)
+
+    def _update_dense_many_(self, variables: list[np.ndarray], accums: list[np.ndarray] | None,
+                            grads: list[np.ndarray], coefficients: dict[str, Any]) -> None:
+        if accums is None:
+            self._updater.gradient_descent_(variables, grads, lr=coefficients["lr_t"])
         else:
-            scratch = self._scratch.get(var.dtype, 2 * min(var.size, kernels.BLOCK_ELEMENTS))
-            kernels.keras_momentum_(var, accum, grad, lr=coefficients["lr_t"],
-                                    momentum=coefficients["momentum"], nesterov=self.nesterov,
-                                    scratch=scratch)
+            self._updater.keras_momentum_(variables, accums, grads, lr=coefficients["lr_t"],
+                                          momentum=coefficients["momentum"],
+                                          nesterov=self.nesterov)
 
     def _resource_apply_dense(self, grad: np.ndarray, var: Variable,
                               apply_state: ApplyState) -> None:
-        accum = self.get_slot(var, "momentum")._array.reshape(-1) if self._momentum else None
-        self._update_dense_(var._array.reshape(-1), accum, grad.reshape(-1),
-                            apply_state[var.dtype])
+        self._apply_dense_batch([(grad, var)], apply_state)
+
+    def _apply_dense_batch(self, pairs: list[tuple[np.ndarray, Variable]],
+                           apply_state: ApplyState) -> None:
+        """One threaded kernel call per dtype over every dense (gradient, variable)."""
+        by_dtype: dict[np.dtype, list[tuple[np.ndarray, Variable]]] = {}
+        for grad, var in pairs:
+            by_dtype.setdefault(var.dtype, []).append((grad, var))
+        for dtype, group in by_dtype.items():
+            accums = [self.get_slot(v, "momentum")._array.reshape(-1) for _, v in group] \
+                if self._momentum else None
+            self._update_dense_many_([v._array.reshape(-1) for _, v in group], accums,
+                                     [g.reshape(-1) for g, _ in group], apply_state[dtype])
 
     def _resource_apply_sparse(self, grad: np.ndarray, var: Variable, indices: np.ndarray,
                                apply_state: ApplyState) -> None:

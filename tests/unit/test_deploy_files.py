@@ -16,7 +16,7 @@ from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["run", "test", "_env.sh", "compose-head", "compose-worker", "slurm.sbatch"]
+SCRIPTS = ["run", "test", "bench", "_env.sh", "compose-head", "compose-worker", "slurm.sbatch"]
 
 
 def _in_repo(container_path: str) -> Path:
@@ -66,8 +66,8 @@ def test_dockerfile_builds_from_files_that_exist():
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
-    assert 'pip install --no-cache-dir ".[mpi,examples]"' in run_lines
-    assert {"mpi", "examples"} <= set(extras)
+    assert 'pip install --no-cache-dir ".[mpi,fast,examples]"' in run_lines
+    assert {"mpi", "fast", "examples"} <= set(extras)
     cmd = [i for i in instructions if i["instruction"] == "CMD"][-1]["value"]
     assert _in_repo(cmd.strip('[]"')).is_file()
 

@@ -101,3 +101,75 @@ def test_scratch_buffers_grow_and_are_reused():
     assert np.shares_memory(a, b)
     c = scratch.get(np.float32, 20)
     assert c.size == 20 and scratch.get(np.float64, 3).dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.9, False), (0.9, True)])
+def test_fused_numba_loops_equal_numpy_kernels(dtype, momentum, nesterov, monkeypatch):
+    pytest.importorskip("numba")
+    sizes = [1000, 1, 70_000, 300_000, 33]
+    rng = np.random.default_rng(5)
+
+    def run(env):
+        monkeypatch.setenv("DISTSGD_KERNELS", env)
+        var = [rng_copy.astype(dtype) for rng_copy in starts]
+        accum = [np.zeros_like(v) for v in var]
+        updater = kernels.DenseUpdater(num_threads=3)
+        lr, m = np.dtype(dtype).type(0.01), np.dtype(dtype).type(momentum)
+        for g in steps:
+            if momentum:
+                updater.keras_momentum_(var, accum, [x.astype(dtype) for x in g], lr=lr,
+                                        momentum=m, nesterov=nesterov)
+            else:
+                updater.gradient_descent_(var, [x.astype(dtype) for x in g], lr=lr)
+        return var, accum
+
+    starts = [rng.standard_normal(n) for n in sizes]
+    steps = [[rng.standard_normal(n) for n in sizes] for _ in range(3)]
+    fused = run("numba")
+    assert kernels._numba() is not None
+    reference = run("numpy")
+    assert kernels._numba() is None
+    for got, want in zip(fused[0] + fused[1], reference[0] + reference[1], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_threaded_updater_equals_one_call(threads):
+    rng = np.random.default_rng(2)
+    sizes = [300_000, 5, 200_000, 77]
+    var = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    accum = [np.zeros(n, np.float32) for n in sizes]
+    grad = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    flat = [np.concatenate(var), np.concatenate(accum), np.concatenate(grad)]
+    lr, m = np.float32(0.1), np.float32(0.9)
+    kernels.DenseUpdater(threads).keras_momentum_(var, accum, grad, lr=lr, momentum=m,
+                                                  nesterov=True)
+    kernels.keras_momentum_(flat[0], flat[1], flat[2], lr=lr, momentum=m, nesterov=True,
+                            scratch=np.empty(2 * kernels.BLOCK_ELEMENTS, np.float32))
+    np.testing.assert_array_equal(np.concatenate(var), flat[0])
+    np.testing.assert_array_equal(np.concatenate(accum), flat[1])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 7])
+def test_partition_covers_every_element_once_in_equal_shares(workers):
+    sizes = [10, 0, 25, 3, 40]
+    shares = kernels._partition(sizes, workers)
+    covered = [np.zeros(n, int) for n in sizes]
+    for share in shares:
+        for i, part in share:
+            covered[i][part] += 1
+    assert all((c == 1).all() for c in covered)
+    totals = [sum(p.stop - p.start for _, p in share) for share in shares]
+    assert max(totals) - min(totals) <= -(-sum(sizes) // workers)
+
+
+def test_default_num_threads_splits_cores_between_local_ranks(monkeypatch):
+    monkeypatch.delenv("DISTSGD_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "1000")
+    assert kernels.default_num_threads() == 1
+    monkeypatch.setenv("DISTSGD_NUM_THREADS", "3")
+    assert kernels.default_num_threads() == 3
+    monkeypatch.setenv("DISTSGD_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="DISTSGD_NUM_THREADS"):
+        kernels.default_num_threads()

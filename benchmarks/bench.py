@@ -1,0 +1,365 @@
+"""Side-by-side benchmarks; every figure is a ratio measured in the same run.
+
+    python benchmarks/bench.py                 # everything: table, JSON and PNG
+    python benchmarks/bench.py update small    # some parts only
+    mpirun -n 2 python benchmarks/bench.py aggregate   # (what `all` runs itself)
+
+Parts:
+  update     one SGD step over ResNet-50's 161 float32 tensors (25,557,032 parameters)
+             vs the memory floor (5 array passes at the measured in-place streaming
+             bandwidth, all cores), a straightforward numpy loop, and torch's fused SGD
+             when torch is installed
+  aggregate  under mpirun: distsgd's aggregate(+update) vs one whole-buffer Allreduce
+             (+ the numpy loop), one Allreduce per tensor, and raw chunked Allreduce
+  small      2,000 tensors of 64 floats vs one tensor of the same total size
+  scaling    the training job's samples/s at 1, 2 and 4 ranks (synthetic, ~1M params)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import distsgd  # noqa: E402
+from distsgd import kernels  # noqa: E402
+from distsgd.optimizers import SGD  # noqa: E402
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 trainable tensors of torchvision's ResNet-50 (25,557,032 parameters)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_channels = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            out = width * 4
+            shapes += [(width, in_channels, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (out, width, 1, 1), (out,), (out,)]
+            if block == 0:
+                shapes += [(out, in_channels, 1, 1), (out,), (out,)]
+            in_channels = out
+    shapes += [(1000, 2048), (1000,)]
+    return shapes
+
+
+def timed(candidates: dict, rounds: int = 7, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call, candidates interleaved round by round."""
+    for function in candidates.values():
+        for _ in range(warmup):
+            function()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, function in candidates.items():
+            start = time.perf_counter()
+            function()
+            samples[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def streaming_add(total: int, updater: kernels.DenseUpdater):
+    """An in-place ``a += b`` over ``total`` float32 on all the updater's threads.
+
+    It moves 3 arrays (read a, read b, write a); the SGD step must move 5 (read g, v,
+    w; write v, w), so the floor is 5/3 of its time, measured alongside the step.
+    """
+    a = np.ones(total, np.float32)
+    b = np.ones(total, np.float32)
+
+    def stream() -> None:
+        def run(worker: int, share: list) -> None:
+            for _, part in share:
+                np.add(a[part], b[part], out=a[part])
+        updater._run([a], run)
+
+    return stream
+
+
+def bench_update() -> dict:
+    rng = np.random.default_rng(0)
+    shapes = resnet50_shapes()
+    total = sum(int(np.prod(s)) for s in shapes)
+    grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    updater = kernels.DenseUpdater()
+    def make(**kwargs):
+        variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
+                     for i, s in enumerate(shapes)]
+        opt = SGD(0.01, **kwargs)
+        pairs = list(zip(grads, variables, strict=True))
+        return lambda: opt.apply_gradients(pairs)
+
+    loop_w = [np.zeros(s, np.float32) for s in shapes]
+    loop_v = [np.zeros(s, np.float32) for s in shapes]
+    lr, m = np.float32(0.01), np.float32(0.9)
+
+    def numpy_loop() -> None:
+        for w, v, g in zip(loop_w, loop_v, grads, strict=True):
+            v *= m
+            v -= lr * g
+            w += v
+
+    candidates = {"streaming a += b": streaming_add(total, updater),
+                  "distsgd momentum": make(momentum=0.9),
+                  "distsgd nesterov": make(momentum=0.9, nesterov=True),
+                  "distsgd plain": make(), "numpy loop": numpy_loop}
+    try:
+        import torch
+
+        params = [torch.zeros(s, requires_grad=True) for s in shapes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = torch.from_numpy(g)
+        torch_opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True)
+        candidates["torch fused"] = torch_opt.step
+    except ImportError:  # torch is optional
+        pass
+    times = timed(candidates, rounds=11)
+    floor = times.pop("streaming a += b") * 5 / 3
+    bandwidth = 5 * total * 4 / floor
+    return {"parameters": total, "tensors": len(shapes), "threads": updater.num_threads,
+            "kernels": "numba" if kernels._numba() else "numpy",
+            "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor * 1e3,
+            "ms": {k: v * 1e3 for k, v in times.items()},
+            "ratio_to_floor": {k: v / floor for k, v in times.items()}}
+
+
+def bench_small() -> dict:
+    rng = np.random.default_rng(1)
+    count, size = 2000, 64
+
+    def make(shapes):
+        variables = [distsgd.Variable(np.zeros(s, np.float32)) for s in shapes]
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt = SGD(0.01, momentum=0.9)
+        pairs = list(zip(grads, variables, strict=True))
+        return lambda: opt.apply_gradients(pairs)
+
+    times = timed({"2000 x 64": make([(size,)] * count), "1 x 128000": make([(count * size,)])},
+                  rounds=15)
+    return {"ms": {k: v * 1e3 for k, v in times.items()},
+            "overhead_ratio": times["2000 x 64"] / times["1 x 128000"]}
+
+
+def bench_aggregate() -> dict | None:
+    from mpi4py import MPI
+
+    from distsgd.distribute import MPIStrategy
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    shapes = resnet50_shapes()
+    rng = np.random.default_rng(rank)
+    grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    flat = np.concatenate([g.reshape(-1) for g in grads])
+    work = flat.copy()
+    strategies = {chunk: MPIStrategy(allreduce_chunk_bytes=chunk)
+                  for chunk in (1 << 20, 4 << 20)}
+    strategy = strategies[1 << 20]  # the default
+    with strategy.scope():
+        variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
+                     for i, s in enumerate(shapes)]
+        opt = SGD(0.01, momentum=0.9)
+    pairs = list(zip(grads, variables, strict=True))
+    loop_w = [np.zeros(s, np.float32) for s in shapes]
+    loop_v = [np.zeros(s, np.float32) for s in shapes]
+    lr, m = np.float32(0.01), np.float32(0.9)
+
+    def numpy_update(gs) -> None:
+        for w, v, g in zip(loop_w, loop_v, gs, strict=True):
+            v *= m
+            v -= lr * g
+            w += v
+
+    def whole() -> None:
+        work[:] = flat
+        comm.Allreduce(MPI.IN_PLACE, work)
+
+    offsets = np.cumsum([0] + [g.size for g in grads])
+    views = [work[offsets[i]:offsets[i + 1]].reshape(g.shape) for i, g in enumerate(grads)]
+
+    def whole_plus_loop() -> None:
+        whole()
+        numpy_update(views)
+
+    def per_tensor() -> None:
+        for g in grads:
+            comm.Allreduce(MPI.IN_PLACE, g.copy())
+
+    def chunked(elements: int):
+        def run() -> None:
+            work[:] = flat
+            for start in range(0, work.size, elements):
+                comm.Allreduce(MPI.IN_PLACE, work[start:start + elements])
+        return run
+
+    def aggregate_only(chunk: int):
+        def run() -> None:
+            with strategies[chunk].scope():
+                strategies[chunk]._aggregate_gradients(pairs)
+        return run
+
+    def full_step() -> None:
+        with strategy.scope():
+            opt.apply_gradients(pairs)
+
+    candidates = {"whole-buffer Allreduce": whole,
+                  "whole-buffer Allreduce + numpy loop": whole_plus_loop,
+                  "per-tensor Allreduce": per_tensor,
+                  **{f"raw chunks of {n >> 10} Ki": chunked(n) for n in (1 << 18, 1 << 20,
+                                                                        1 << 22)},
+                  "distsgd aggregate": aggregate_only(1 << 20),
+                  "distsgd aggregate (4 MiB chunks)": aggregate_only(4 << 20),
+                  "distsgd aggregate + update": full_step}
+    comm.Barrier()
+    times = timed(candidates, rounds=7)
+    times = {k: comm.allreduce(v, op=MPI.MAX) for k, v in times.items()}
+    if rank != 0:
+        return None
+    best_chunk = min(v for k, v in times.items() if k.startswith("raw chunks"))
+    return {"ranks": size, "ms": {k: v * 1e3 for k, v in times.items()},
+            "full_step_vs_whole_plus_loop": times["distsgd aggregate + update"]
+            / times["whole-buffer Allreduce + numpy loop"],
+            "aggregate_vs_best_raw_chunks": times["distsgd aggregate"] / best_chunk}
+
+
+def run_under_mpirun(ranks: int, part: str) -> dict:
+    result = subprocess.run(["mpirun", "-n", str(ranks), sys.executable, __file__, part,
+                             "--json-stdout"], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "DISTSGD_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        raise SystemExit(f"mpirun -n {ranks} {part} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_scaling() -> dict:
+    rows = {}
+    for ranks in (1, 2, 4):
+        result = subprocess.run(
+            ["mpirun", "-n", str(ranks), sys.executable, "-m", "distsgd.train",
+             "--synthetic-params", "1000000", "--epochs", "2", "--batch-size", "256",
+             "--metrics", f"/tmp/distsgd-scaling-{ranks}.jsonl", "--quiet"],
+            capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"scaling run at {ranks} ranks failed:\n{result.stderr[-3000:]}")
+        lines = Path(f"/tmp/distsgd-scaling-{ranks}.jsonl").read_text().splitlines()
+        rows[ranks] = json.loads(lines[-1])["samples_per_second"]
+    return {"samples_per_second": rows,
+            "efficiency": {r: rows[r] / (r * rows[1]) for r in rows}}
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.*)", text).group(1)
+    except (OSError, AttributeError):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"numpy {np.__version__}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, results[name]["ms"]) for name in ("update", "aggregate_2", "small")
+              if name in results]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    axes = np.atleast_1d(axes)
+    titles = {"update": "SGD step, ResNet-50 shapes (1 process)",
+              "aggregate_2": "aggregate + update, 2 ranks", "small": "2,000 small tensors"}
+    for ax, (name, ms) in zip(axes, panels, strict=True):
+        labels = list(ms)
+        ax.barh(labels, [ms[k] for k in labels],
+                color=["tab:blue" if "distsgd" in k else "tab:gray" for k in labels])
+        if name == "update":
+            ax.axvline(results["update"]["floor_ms"], color="tab:red", linestyle="--",
+                       label="memory floor")
+            ax.legend()
+        ax.set_xlabel("milliseconds (median)")
+        ax.set_title(titles[name])
+    figure.suptitle(machine(), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["all"],
+                        choices=["all", "update", "aggregate", "small", "scaling"])
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.json_stdout:  # a child under mpirun
+        result = {"aggregate": bench_aggregate, "update": bench_update}[args.parts[0]]()
+        if result is not None:
+            print(json.dumps(result))
+        return 0
+    parts = ["update", "small", "aggregate", "scaling"] if "all" in args.parts else args.parts
+    results: dict = {"machine": machine()}
+    if "update" in parts:
+        results["update"] = bench_update()
+    if "small" in parts:
+        results["small"] = bench_small()
+    if "aggregate" in parts:
+        for ranks in (2, 4):
+            results[f"aggregate_{ranks}"] = run_under_mpirun(ranks, "aggregate")
+    if "scaling" in parts:
+        results["scaling"] = bench_scaling()
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    report(results)
+    if any(k in results for k in ("update", "aggregate_2", "small")):
+        plot(results, args.output / "results.png")
+    print(f"\nwrote {args.output / 'results.json'} and results.png")
+    return 0
+
+
+def report(results: dict) -> None:
+    print(f"machine: {results['machine']}")
+    if "update" in results:
+        u = results["update"]
+        print(f"\nSGD step, {u['parameters']:,} float32 parameters in {u['tensors']} tensors "
+              f"({u['kernels']} kernels, {u['threads']} threads); memory floor "
+              f"{u['floor_ms']:.1f} ms at {u['bandwidth_gb_s']:.1f} GB/s")
+        for name, ms in u["ms"].items():
+            print(f"  {name:<28} {ms:8.1f} ms   {u['ratio_to_floor'][name]:5.2f} x floor")
+    if "small" in results:
+        s = results["small"]
+        print("\nmany small tensors (momentum step)")
+        for name, ms in s["ms"].items():
+            print(f"  {name:<28} {ms:8.2f} ms")
+        print(f"  overhead ratio {s['overhead_ratio']:.1f} x")
+    for key in ("aggregate_2", "aggregate_4"):
+        if key in results:
+            a = results[key]
+            print(f"\naggregation at {a['ranks']} ranks (slowest rank, median)")
+            for name, ms in a["ms"].items():
+                print(f"  {name:<36} {ms:8.1f} ms")
+            print(f"  distsgd aggregate+update / (whole Allreduce + numpy loop) = "
+                  f"{a['full_step_vs_whole_plus_loop']:.2f}")
+            print(f"  distsgd aggregate / best raw chunked Allreduce = "
+                  f"{a['aggregate_vs_best_raw_chunks']:.2f}")
+    if "scaling" in results:
+        sc = results["scaling"]
+        print("\ntraining job scaling (synthetic, ~1M parameters)")
+        for ranks, rate in sc["samples_per_second"].items():
+            print(f"  {ranks} rank(s): {rate:12,.0f} samples/s   efficiency "
+                  f"{sc['efficiency'][ranks]:.2f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
