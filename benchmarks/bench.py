@@ -298,7 +298,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["all"],
+    parser.add_argument("parts", nargs="*",
                         choices=["all", "update", "aggregate", "small", "scaling"])
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
@@ -308,7 +308,8 @@ def main() -> int:
         if result is not None:
             print(json.dumps(result))
         return 0
-    parts = ["update", "small", "aggregate", "scaling"] if "all" in args.parts else args.parts
+    chosen = args.parts or ["all"]
+    parts = ["update", "small", "aggregate", "scaling"] if "all" in chosen else chosen
     results: dict = {"machine": machine()}
     if "update" in parts:
         results["update"] = bench_update()
