@@ -298,8 +298,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*",
-                        choices=["all", "update", "aggregate", "small", "scaling"])
+    parser.add_argument("parts", nargs="*", help="all (default), update, aggregate, small, "
+                                                 "scaling")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,6 +309,9 @@ def main() -> int:
             print(json.dumps(result))
         return 0
     chosen = args.parts or ["all"]
+    unknown = set(chosen) - {"all", "update", "aggregate", "small", "scaling"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}")
     parts = ["update", "small", "aggregate", "scaling"] if "all" in chosen else chosen
     results: dict = {"machine": machine()}
     if "update" in parts:

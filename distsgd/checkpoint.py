@@ -178,7 +178,9 @@ def save_checkpoint(directory: str | os.PathLike[str], *, step: int,
                 "format": FORMAT, "step": int(step), "world_size": communicator.size,
                 "entries": _describe(entries),
                 "optimizer": {"class_name": type(optimizer).__name__,
-                              "config": optimizer.get_config()},
+                              "config": optimizer.get_config(),
+                              "nonfinite_steps_skipped": getattr(
+                                  optimizer, "nonfinite_steps_skipped", 0)},
                 "state": state or {}, "digest": digest,
                 "sha256": {f: _sha256(temporary / f) for f in files},
             }
@@ -326,6 +328,8 @@ def load_checkpoint(directory: str | os.PathLike[str], *, variables: Sequence[Va
         if name in optimizer._hyper and isinstance(value, int | float) and \
                 not isinstance(value, bool) and not callable(optimizer._hyper[name]):
             optimizer._set_hyper(name, value)
+    if hasattr(optimizer, "nonfinite_steps_skipped"):
+        optimizer.nonfinite_steps_skipped = manifest["optimizer"].get("nonfinite_steps_skipped", 0)
     return manifest["state"]
 
 

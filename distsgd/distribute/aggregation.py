@@ -120,14 +120,19 @@ class GradientAggregator:
         self._signatures: dict[tuple[int, ...], tuple[list[Any], bytes, list[int]]] = {}
         self._plans: dict[tuple[Any, ...], list[Bucket]] = {}
 
-    def aggregate(self, grads: Sequence[Any], variables: Sequence[Variable]) -> list[Any]:
-        """The aggregated gradient for each variable (``None``: none on any rank)."""
+    def aggregate(self, grads: Sequence[Any], variables: Sequence[Variable],
+                  step: int | None = None) -> list[Any]:
+        """The aggregated gradient for each variable (``None``: none on any rank).
+
+        ``step`` (the optimizer's iterations) only labels errors and timeouts.
+        """
         self.calls += 1
         grads = [self._local_form(g, v) for g, v in zip(grads, variables, strict=True)]
         if self.communicator.size == 1:
             return grads
         signature, digest, positions = self._signature(variables)
-        what = f"gradient aggregation (call {self.calls})"
+        what = f"gradient aggregation at step {step}" if step is not None else \
+            f"gradient aggregation (call {self.calls})"
         kinds = np.array([_kind(grads[i]) for i in positions], dtype=np.uint8)
         not_all_dense = int(bool(np.any(kinds != _DENSE)))
         if agree_or_raise(self.communicator, signature, digest, what, _describe,

@@ -5,14 +5,15 @@ mpi4py needed) and :class:`MPICommunicator` (a private ``Clone()`` of an mpi4py
 communicator). Hot-path collectives take C-contiguous numpy buffers and work in
 place (``Allreduce``/``Bcast``/``Allgatherv``); pickled calls are for metadata on
 error paths only. Every wait is bounded by a deadline (``DISTSGD_TIMEOUT``
-seconds), so a dead or stuck peer becomes a :class:`CollectiveTimeoutError`, never
-a hang.
+seconds): a watchdog thread turns a dead or stuck peer into a report naming the
+operation and the ranks that did not arrive, then aborts the job, never a hang.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Protocol
@@ -38,12 +39,19 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 #: How long any collective may wait for its peers unless DISTSGD_TIMEOUT says otherwise.
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
+#: Exit status of a job ended by the collective deadline.
+TIMEOUT_EXIT_CODE = 3
+_REPORT_BYTES = 512
+_REPORT_TAG = 7311
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                        "MV2_COMM_WORLD_SIZE", "HYDI_CONTROL_FD")
 
 
 class CollectiveTimeoutError(RuntimeError):
-    """A collective did not complete within the deadline (a peer died, hung or diverged)."""
+    """A collective did not complete within the deadline (a peer died, hung or diverged).
+
+    Reported by the watchdog, which then aborts the job (see :class:`_Watchdog`).
+    """
 
 
 def launched_by_mpi() -> bool:
@@ -148,26 +156,64 @@ class MPICommunicator:
         self.timeout_seconds = (timeout_from_environment() if timeout_seconds is None else
                                 check_number("timeout_seconds", timeout_seconds, low=1e-3))
         self._comm = (MPI.COMM_WORLD if comm is None else comm).Clone()
+        self._diagnostics = self._comm.Clone()  # only used after a deadline passed
+        self._watchdog: _Watchdog | None = None
+        self._lowest_live_rank = 0
+        self.collectives = 0
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "bor": MPI.BOR}
 
     def _wait(self, request: Any, what: str) -> None:
-        """Poll ``request`` until done or the deadline passes (polling drives MPI progress)."""
-        if request.Test():
-            return
-        deadline = time.monotonic() + self.timeout_seconds
-        spins = 0
-        while not request.Test():
-            spins += 1
-            if spins % 64 == 0:
-                if time.monotonic() > deadline:
-                    raise CollectiveTimeoutError(
-                        f"rank {self.rank}/{self.size}: {what or 'collective'} did not complete "
-                        f"within {self.timeout_seconds:g} s (DISTSGD_TIMEOUT); a peer rank "
-                        "died, hung, or is running a different program")
-                if spins > 4096:
-                    time.sleep(1e-4)
+        """Wait for ``request`` with the watchdog armed (blocking waits run at MPI speed)."""
+        self.collectives += 1
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(self)
+        self._watchdog.arm(what or "collective")
+        try:
+            request.Wait()
+        finally:
+            self._watchdog.disarm()
+
+    def _diagnose(self, what: str) -> str:
+        """Ask every peer, on a separate communicator, where it is; name the silent ones.
+
+        Ranks stuck in the same deadline answer within the grace period; a rank that
+        died, hangs, or computes outside distsgd does not.
+        """
+        grace = min(5.0, self.timeout_seconds)
+        mine = np.zeros(_REPORT_BYTES, dtype=np.uint8)
+        text = f"collective #{self.collectives}: {what}".encode()[:_REPORT_BYTES - 1]
+        mine[:len(text)] = np.frombuffer(text, dtype=np.uint8)
+        peers = [r for r in range(self.size) if r != self.rank]
+        inbox = {r: np.zeros(_REPORT_BYTES, dtype=np.uint8) for r in peers}
+        receives = {r: self._diagnostics.Irecv(inbox[r], source=r, tag=_REPORT_TAG)
+                    for r in peers}
+        for r in peers:
+            self._diagnostics.Isend(mine, dest=r, tag=_REPORT_TAG)
+        stop = time.monotonic() + grace
+        while time.monotonic() < stop and not all(q.Test() for q in receives.values()):
+            time.sleep(0.01)
+        silent = [r for r in peers if not receives[r].Test()]
+        same, elsewhere = [], []
+        for r in peers:
+            if r in silent:
+                continue
+            report = bytes(inbox[r]).rstrip(b"\0").decode(errors="replace")
+            (same if report == text.decode(errors="replace") else elsewhere).append(
+                f"rank {r} is at {report}")
+        parts = [f"rank {self.rank}/{self.size}: {what} did not complete within "
+                 f"{self.timeout_seconds:g} s (DISTSGD_TIMEOUT)"]
+        if silent:
+            parts.append(f"rank{'s' if len(silent) > 1 else ''} "
+                         f"{', '.join(map(str, silent))} did not arrive (dead, hung, or busy "
+                         "outside distsgd)")
+        if elsewhere:
+            parts.append("; ".join(elsewhere) + " (a different program path)")
+        if same:
+            parts.append(f"ranks {', '.join(s.split()[1] for s in same)} wait here too")
+        self._lowest_live_rank = min([self.rank] + [r for r in peers if r not in silent])
+        return "; ".join(parts)
 
     def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "") -> None:
         _check_op(op)
@@ -200,8 +246,53 @@ class MPICommunicator:
         self._comm.Abort(code)
 
     def free(self) -> None:
-        """Release the cloned communicator."""
+        """Release the cloned communicators."""
+        self._diagnostics.Free()
         self._comm.Free()
+
+
+class _Watchdog:
+    """A daemon thread that ends the job when a collective outlives the deadline.
+
+    ``arm``/``disarm`` are two attribute writes per collective. When a collective has
+    been waiting longer than the deadline, the watchdog asks the peers where they are
+    (on the separate diagnostics communicator), prints a
+    ``CollectiveTimeoutError`` naming the operation and the ranks that did not
+    arrive, and aborts the whole job: a collective cannot be cancelled, so no rank
+    could continue anyway.
+    """
+
+    def __init__(self, communicator: MPICommunicator) -> None:
+        self.communicator = communicator
+        self._armed: tuple[float, str] | None = None
+        self._thread = threading.Thread(target=self._run, name="distsgd-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def arm(self, what: str) -> None:
+        self._armed = (time.monotonic(), what)
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def _run(self) -> None:
+        timeout = self.communicator.timeout_seconds
+        period = min(0.5, timeout / 4)
+        while True:
+            time.sleep(period)
+            armed = self._armed
+            if armed is None or time.monotonic() - armed[0] <= timeout:
+                continue
+            message = self.communicator._diagnose(armed[1])
+            if self._armed is not armed:  # it completed while we asked around
+                continue
+            sys.stderr.write(f"[distsgd rank {self.communicator.rank}/"
+                             f"{self.communicator.size}] {CollectiveTimeoutError.__name__}: "
+                             f"{message}; aborting the whole job (MPI_Abort)\n")
+            sys.stderr.flush()
+            if self.communicator._lowest_live_rank != self.communicator.rank:
+                time.sleep(2.0)  # let the lowest live rank report too, then end the job
+            self.communicator.abort(TIMEOUT_EXIT_CODE)
 
 
 def install_abort_on_exception(communicator: Any) -> None:

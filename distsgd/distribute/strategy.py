@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,12 @@ import numpy as np
 
 from distsgd._validation import check_number
 from distsgd.distribute import comm as comm_lib
-from distsgd.distribute.aggregation import GradientAggregator, agree_or_raise, signature_hash
+from distsgd.distribute.aggregation import (
+    GradientAggregator,
+    agree_or_raise,
+    route_of,
+    signature_hash,
+)
 from distsgd.distribute.fusion import DEFAULT_FUSION_THRESHOLD_BYTES
 from distsgd.variables import (
     Variable,
@@ -27,9 +34,13 @@ from distsgd.variables import (
     variable_creator_scope,
 )
 
-__all__ = ["MPIStrategy", "ReduceOp", "Strategy", "get_strategy"]
+__all__ = ["MPIStrategy", "ReduceOp", "ReplicaDivergenceError", "Strategy", "get_strategy"]
 
 _local = threading.local()
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """Replicas that should be identical hold different values."""
 
 
 class ReduceOp(enum.Enum):
@@ -60,14 +71,21 @@ class Strategy:
 
     def __init__(self, communicator: Any = None, *,
                  fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
-                 sparse_as_dense: bool = False) -> None:
+                 sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
+                 repair_replicas: bool = False) -> None:
         check_number("fusion_threshold_bytes", fusion_threshold_bytes, low=0)
-        if not isinstance(sparse_as_dense, bool):
-            raise TypeError(f"sparse_as_dense={sparse_as_dense!r}; expected a bool")
+        check_number("check_replicas_every_steps", check_replicas_every_steps, low=0)
+        for name, flag in (("sparse_as_dense", sparse_as_dense),
+                           ("repair_replicas", repair_replicas)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}={flag!r}; expected a bool")
         self._communicator = communicator
         self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.sparse_as_dense = sparse_as_dense
+        self.check_replicas_every_steps = int(check_replicas_every_steps)
+        self.repair_replicas = repair_replicas
         self._aggregator: GradientAggregator | None = None
+        self._applied_steps = 0
 
     # --- the communicator, made on first use --------------------------------------------
     def _make_communicator(self) -> Any:
@@ -183,13 +201,76 @@ class Strategy:
                        lambda item: f"{item[0] or 'value'} shape {item[1]} "
                                     f"{np.dtype(item[2]).name}")
 
+    def check_replicas(self, variables: Any, optimizer: Any = None,
+                       repair: bool = False) -> list[str]:
+        """Prove every replica holds bitwise the same variables (and optimizer state).
+
+        Each rank hashes every mirrored variable (and, with ``optimizer``, its
+        ``iterations`` and slots); one ``Allreduce(BOR)`` of the hashes and their
+        complements finds the variables that differ anywhere. Rank-local
+        (``synchronization=NONE``) variables are skipped.
+
+        Returns:
+            The names of the variables that differed and were repaired (``repair``),
+            else an empty list.
+
+        Raises:
+            ReplicaDivergenceError: replicas differ and ``repair`` is False; the
+                message names each variable and the ranks that differ from rank 0.
+        """
+        items = list(variables) + (list(optimizer.weights) if optimizer is not None else [])
+        items = [v for v in items if route_of(v) != "local"]
+        if self.communicator.size == 1 or not items:
+            return []
+        digests = np.stack([np.frombuffer(hashlib.blake2b(
+            np.ascontiguousarray(v._array).reshape(-1).view(np.uint8), digest_size=8).digest(),
+            dtype=np.uint8) for v in items])
+        buffer = np.concatenate([digests, ~digests], axis=1)
+        self.communicator.allreduce_(buffer, "bor", what="replica check")
+        differs = ~(np.all(buffer[:, :8] == digests, axis=1)
+                    & np.all(buffer[:, 8:] == ~digests, axis=1))
+        if not differs.any():
+            return []
+        everyone = self.communicator.allgather_object(
+            [d.tobytes().hex() for d in digests[differs]])
+        names = [v.name for v, bad in zip(items, differs, strict=True) if bad]
+        details = []
+        for column, name in enumerate(names):
+            ranks = [r for r, row in enumerate(everyone) if row[column] != everyone[0][column]]
+            details.append(f"{name!r}: ranks {ranks} differ from rank 0")
+        if not repair:
+            raise ReplicaDivergenceError(f"replicas diverged in {len(names)} "
+                                         f"variable{'s' if len(names) > 1 else ''}: "
+                                         + "; ".join(details))
+        for var, bad in zip(items, differs, strict=True):
+            if bad:
+                self.broadcast(var, root=0, what=f"repair of {var.name!r}")
+        warnings.warn("replicas diverged and were repaired from rank 0: " + "; ".join(details),
+                      stacklevel=2)
+        return names
+
+    def _any_replica(self, flag: bool, what: str) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if self.communicator.size == 1:
+            return bool(flag)
+        value = np.array([1 if flag else 0], dtype=np.uint8)
+        self.communicator.allreduce_(value, "max", what=what)
+        return bool(value[0])
+
     # --- used by the optimizer -----------------------------------------------------------
-    def _aggregate_gradients(self, pairs: list[tuple[Any, Variable]]) -> list[Any]:
+    def _after_apply(self, optimizer: Any, variables: list[Variable]) -> None:
+        self._applied_steps += 1
+        every = self.check_replicas_every_steps
+        if every and self._applied_steps % every == 0:
+            self.check_replicas(variables, optimizer, repair=self.repair_replicas)
+
+    def _aggregate_gradients(self, pairs: list[tuple[Any, Variable]],
+                             step: int | None = None) -> list[Any]:
         if self._aggregator is None:
             self._aggregator = GradientAggregator(
                 self.communicator, fusion_threshold_bytes=self.fusion_threshold_bytes,
                 sparse_as_dense=self.sparse_as_dense)
-        return self._aggregator.aggregate([g for g, _ in pairs], [v for _, v in pairs])
+        return self._aggregator.aggregate([g for g, _ in pairs], [v for _, v in pairs], step)
 
     def __repr__(self) -> str:
         size = "?" if self._communicator is None else self._communicator.size
@@ -207,6 +288,10 @@ class MPIStrategy(Strategy):
         fusion_threshold_bytes: dense bucket size cap in bytes (0: no fusion).
         allreduce_chunk_bytes: large reductions go in chunks of this many bytes.
         sparse_as_dense: densify sparse gradients instead of gathering them.
+        check_replicas_every_steps: run :meth:`check_replicas` on the updated
+            variables and optimizer state every this many steps (0: never).
+        repair_replicas: with the periodic check, re-broadcast rank 0's values
+            instead of raising :class:`ReplicaDivergenceError`.
         timeout_seconds: deadline of every collective (default ``DISTSGD_TIMEOUT``
             or 600 s); a peer that does not arrive raises ``CollectiveTimeoutError``.
         abort_on_exception: an unhandled exception on any rank prints its traceback
@@ -216,10 +301,13 @@ class MPIStrategy(Strategy):
     def __init__(self, comm: Any = None, *,
                  fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
                  allreduce_chunk_bytes: int = comm_lib.DEFAULT_CHUNK_BYTES,
-                 sparse_as_dense: bool = False, timeout_seconds: float | None = None,
+                 sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
+                 repair_replicas: bool = False, timeout_seconds: float | None = None,
                  abort_on_exception: bool = True) -> None:
         super().__init__(None, fusion_threshold_bytes=fusion_threshold_bytes,
-                         sparse_as_dense=sparse_as_dense)
+                         sparse_as_dense=sparse_as_dense,
+                         check_replicas_every_steps=check_replicas_every_steps,
+                         repair_replicas=repair_replicas)
         check_number("allreduce_chunk_bytes", allreduce_chunk_bytes, low=1)
         if timeout_seconds is not None:
             check_number("timeout_seconds", timeout_seconds, low=1e-3)

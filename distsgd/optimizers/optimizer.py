@@ -100,6 +100,11 @@ class Optimizer:
         self._iterations: Variable | None = None
         self._updater = kernels.DenseUpdater()
         self._initial_decay = kwargs.get("decay") or 0.0
+        #: distsgd extension (not in the config): skip a step whose aggregated gradients
+        #: hold NaN or inf, on every replica alike, and count it. Off by default: NaN
+        #: propagates into the variables, as in Keras.
+        self.skip_nonfinite_steps = False
+        self.nonfinite_steps_skipped = 0
         self.clipnorm = kwargs.get("clipnorm")
         self.clipvalue = kwargs.get("clipvalue")
         self.global_clipnorm = kwargs.get("global_clipnorm")
@@ -299,10 +304,19 @@ class Optimizer:
         grads = [g for g, _ in pairs]
         if experimental_aggregate_gradients:
             with timeline.span("aggregate"):
-                grads = get_strategy()._aggregate_gradients(pairs)
+                step = 0 if self._iterations is None else int(self._iterations._array)
+                grads = get_strategy()._aggregate_gradients(pairs, step)
         pairs = _filter_grads(list(zip(grads, (v for _, v in pairs), strict=True)))
+        if self.skip_nonfinite_steps and get_strategy()._any_replica(
+                not all(_finite(g) for g, _ in pairs), "non-finite gradient check"):
+            self.nonfinite_steps_skipped += 1
+            warnings.warn(f"non-finite gradient: step skipped on every replica "
+                          f"({self.nonfinite_steps_skipped} so far)", stacklevel=2)
+            return self.iterations
         with timeline.span("update"):
-            return self._apply(pairs)
+            iterations = self._apply(pairs)
+        get_strategy()._after_apply(self, [v for _, v in pairs])
+        return iterations
 
     def _apply(self, pairs: list[tuple[Gradient, Variable]]) -> Variable:
         apply_state = self._prepare(pairs)
@@ -452,6 +466,12 @@ def _cast(value: Any, dtype: np.dtype) -> np.generic:
     elif isinstance(value, float | int) and not isinstance(value, np.generic):
         value = np.float32(value)
     return np.asarray(value).astype(dtype)[()]
+
+
+def _finite(grad: Gradient) -> bool:
+    """No NaN or inf in ``grad``: one float64 sum (NaN and inf survive it), no copy."""
+    values = grad.values if isinstance(grad, IndexedSlices) else grad
+    return bool(np.isfinite(np.add.reduce(values.reshape(-1), dtype=np.float64)))
 
 
 def _flatten(items: Any) -> Iterable[Any]:

@@ -15,8 +15,15 @@ def test_unhandled_exception_on_one_rank_aborts_the_job(mpirun):
     assert "unreachable" not in result.stdout
 
 
-def test_a_rank_that_stops_calling_collectives_is_a_timeout_error(mpirun):
-    result = mpirun(2, PROGRAMS / "skip_collective.py", env={"DISTSGD_TIMEOUT": "2"})
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_rank_that_stops_calling_collectives_ends_the_job_with_its_name(mpirun, ranks):
+    result = mpirun(ranks, PROGRAMS / "skip_collective.py", env={"DISTSGD_TIMEOUT": "2"})
     assert result.returncode != 0
-    assert "rank 0 caught CollectiveTimeoutError: rank 0/2: gradient aggregation (call 2): " \
-           "signature check did not complete within 2 s (DISTSGD_TIMEOUT)" in result.stdout
+    last = ranks - 1
+    assert f"[distsgd rank 0/{ranks}] CollectiveTimeoutError: rank 0/{ranks}: gradient " \
+           "aggregation at step 1: signature check did not complete within 2 s " \
+           f"(DISTSGD_TIMEOUT); rank {last} did not arrive (dead, hung, or busy outside " \
+           "distsgd)" in result.stderr
+    if ranks == 3:
+        assert "ranks 1 wait here too" in result.stderr
+    assert "woke up" not in result.stdout and "finished step 2" not in result.stdout
