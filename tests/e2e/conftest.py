@@ -22,11 +22,12 @@ def mpirun():
     if path is None:
         pytest.skip("mpirun not found (install the 'mpi' extra: pip install distsgd[mpi])")
 
-    def run(n, *args, env=None, timeout=300):
+    def run(n, *args, env=None, timeout=300, mpi_flags=()):
         environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         for name in [k for k in environment if k.startswith(("PMI_", "PMIX_", "HYDI_"))]:
             del environment[name]
-        return subprocess.run([path, "-n", str(n), sys.executable, *map(str, args)],
+        return subprocess.run([path, *mpi_flags, "-n", str(n), sys.executable,
+                               *map(str, args)],
                               capture_output=True, text=True, timeout=timeout, env=environment,
                               cwd=ROOT)
 

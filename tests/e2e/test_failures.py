@@ -27,3 +27,13 @@ def test_a_rank_that_stops_calling_collectives_ends_the_job_with_its_name(mpirun
     if ranks == 3:
         assert "ranks 1 wait here too" in result.stderr
     assert "woke up" not in result.stdout and "finished step 2" not in result.stdout
+
+
+def test_a_dead_rank_is_named_when_the_launcher_leaves_the_others_running(mpirun):
+    result = mpirun(3, PROGRAMS / "die_on_one_rank.py", env={"DISTSGD_TIMEOUT": "2"},
+                    mpi_flags=["-disable-auto-cleanup"])
+    assert result.returncode != 0
+    assert "CollectiveTimeoutError: rank 0/3: gradient aggregation at step 1: signature " \
+           "check did not complete within 2 s (DISTSGD_TIMEOUT); rank 2 did not arrive" \
+           in result.stderr
+    assert "finished step 2" not in result.stdout
