@@ -12,6 +12,7 @@ operation and the ranks that did not arrive, then aborts the job, never a hang.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ DEFAULT_TIMEOUT_SECONDS = 600.0
 
 #: Exit status of a job ended by the collective deadline.
 TIMEOUT_EXIT_CODE = 3
+#: After asking MPI to abort, a rank exits by itself at the latest this much later.
+ABORT_GRACE_SECONDS = 3
 _REPORT_BYTES = 512
 _REPORT_TAG = 7311
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -243,6 +246,10 @@ class MPICommunicator:
         self._wait(self._comm.Ibarrier(), what or "barrier")
 
     def abort(self, code: int = 1) -> None:
+        # MPI_Abort must reach the launcher, which may be unreachable (a cut link), and
+        # it blocks holding the GIL: a kernel alarm (SIGALRM's default action ends the
+        # process) makes sure this rank is gone a few seconds later regardless.
+        signal.alarm(int(ABORT_GRACE_SECONDS))
         self._comm.Abort(code)
 
     def free(self) -> None:

@@ -1,5 +1,7 @@
 """Failures end the whole job with a message naming the cause instead of hanging."""
 
+import re
+
 import pytest
 
 from tests.e2e.conftest import PROGRAMS
@@ -33,7 +35,8 @@ def test_a_dead_rank_is_named_when_the_launcher_leaves_the_others_running(mpirun
     result = mpirun(3, PROGRAMS / "die_on_one_rank.py", env={"DISTSGD_TIMEOUT": "2"},
                     mpi_flags=["-disable-auto-cleanup"])
     assert result.returncode != 0
-    assert "CollectiveTimeoutError: rank 0/3: gradient aggregation at step 1: signature " \
-           "check did not complete within 2 s (DISTSGD_TIMEOUT); rank 2 did not arrive" \
-           in result.stderr
+    # whichever surviving rank's report reaches the launcher first
+    assert re.search(r"CollectiveTimeoutError: rank [01]/3: gradient aggregation at step 1: "
+                     r"signature check did not complete within 2 s \(DISTSGD_TIMEOUT\); "
+                     r"rank 2 did not arrive", result.stderr), result.stderr
     assert "finished step 2" not in result.stdout

@@ -1,0 +1,162 @@
+"""Training across hosts for real: Linux network namespaces on this machine, each with
+its own veth link on a bridge and its own address; MPI ranks are started inside them by
+mpiexec's launcher hook (launch/netns-exec), each host with its own hostname, and talk
+TCP only (UCX_TLS=tcp,self: no shared memory across hosts, proved by the link-cut test,
+which would otherwise keep training). Needs root; skipped elsewhere.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests.e2e.conftest import ROOT, mpirun_path
+from tests.e2e.test_training import final_line
+
+pytestmark = pytest.mark.slow
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class Hosts:
+    """Two namespaces ("hosts") on a private bridge: 10.231.<n>.10 and .11."""
+
+    def __init__(self, count=2):
+        tag = uuid.uuid4().hex[:5]
+        self.bridge = f"dsgd{tag}br"
+        self.names = [f"dsgd{tag}h{i}" for i in range(count)]
+        self.links = [f"dsgd{tag}v{i}" for i in range(count)]
+        subnet = f"10.231.{int(tag, 16) % 250}"
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{subnet}.254/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, (name, link) in enumerate(zip(self.names, self.links, strict=True)):
+            _ip("netns", "add", name)
+            _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
+            _ip("link", "set", link, "master", self.bridge)
+            _ip("link", "set", link, "up")
+            _ip("-n", name, "addr", "add", f"{subnet}.{10 + i}/24", "dev", "eth0")
+            _ip("-n", name, "link", "set", "eth0", "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+
+    def pids(self, host):
+        return [int(p) for p in _ip("netns", "pids", self.names[host]).stdout.split()]
+
+    def remove(self):
+        for name in self.names:
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                subprocess.run(["kill", "-9", pid], check=False)
+            _ip("netns", "del", name, check=False)
+        _ip("link", "del", self.bridge, check=False)
+
+    def mpiexec(self, ranks_per_host, *args):
+        hosts = ",".join(f"{name}:{ranks_per_host}" for name in self.names)
+        return [mpirun_path(), "-launcher", "ssh", "-launcher-exec",
+                str(ROOT / "launch" / "netns-exec"), "-iface", self.bridge,
+                "-genv", "UCX_TLS", "tcp,self", "-genv", "FI_PROVIDER", "tcp", "-hosts", hosts,
+                "-n", str(ranks_per_host * len(self.names)), sys.executable, *map(str, args)]
+
+
+@pytest.fixture
+def hosts():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's ip")
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found")
+    try:
+        made = Hosts()
+    except subprocess.CalledProcessError as error:
+        pytest.skip(f"cannot create network namespaces here: {error.stderr.strip()}")
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+TRAIN = ["-m", "distsgd.train", "--epochs", "3", "--quiet", "--seed", "5"]
+
+
+def test_two_hosts_train_to_the_same_digest_as_one_host(hosts, mpirun):
+    across = subprocess.run(hosts.mpiexec(1, *TRAIN), capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=_env())
+    one_host = mpirun(2, *TRAIN)
+    assert final_line(across) == final_line(one_host)
+
+
+def _start_long_run(hosts, tmp_path):
+    job = subprocess.Popen(hosts.mpiexec(1, "-m", "distsgd.train", "--epochs", "200",
+                                         "--quiet", "--checkpoint-dir", tmp_path,
+                                         "--checkpoint-every", "50"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT, env=_env(DISTSGD_TIMEOUT="3"), start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "latest").exists():  # training is under way on both hosts
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job
+
+
+def _ranks_alive(hosts):
+    alive = []
+    for host in range(len(hosts.names)):
+        for pid in hosts.pids(host):
+            try:
+                if "distsgd.train" in open(f"/proc/{pid}/cmdline").read():
+                    alive.append(pid)
+            except OSError:
+                pass
+    return alive
+
+
+def _wait_for_ranks_to_end(hosts, job, limit=60):
+    """Seconds until no rank process is left (the launcher may linger: see below)."""
+    started = time.monotonic()
+    while _ranks_alive(hosts):
+        assert time.monotonic() - started < limit, "ranks still running"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _finish(job, grace=20):
+    """The launcher's output; MPICH's mpiexec cannot clean up a proxy behind a cut link
+    and would wait for TCP to give up, so after the ranks are gone it gets ``grace``
+    seconds, then is ended as a scheduler would."""
+    try:
+        return job.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, 9)
+        return job.communicate()
+
+
+def test_cutting_a_hosts_link_ends_the_job_naming_the_rank(hosts, tmp_path):
+    job = _start_long_run(hosts, tmp_path)
+    _ip("link", "set", hosts.links[1], "down")
+    seconds = _wait_for_ranks_to_end(hosts, job)
+    stdout, stderr = _finish(job)
+    print(f"link cut: every rank ended {seconds:.1f} s after the cut")
+    assert "final:" not in stdout
+    assert "CollectiveTimeoutError: rank 0/2" in stderr and "rank 1 did not arrive" in stderr
+
+
+def test_killing_a_hosts_ranks_ends_the_job(hosts, tmp_path):
+    job = _start_long_run(hosts, tmp_path)
+    victims = [p for p in _ranks_alive(hosts) if p in hosts.pids(1)]
+    assert victims
+    for pid in victims:
+        os.kill(pid, 9)
+    seconds = _wait_for_ranks_to_end(hosts, job)
+    stdout, stderr = _finish(job)
+    print(f"ranks killed: every rank ended {seconds:.1f} s after the kill")
+    assert job.returncode != 0 and "final:" not in stdout
+    assert "BAD TERMINATION" in stdout + stderr or "did not arrive" in stderr
