@@ -243,12 +243,18 @@ def run_under_mpirun(ranks: int, part: str) -> dict:
 
 def bench_scaling() -> dict:
     rows = {}
+    cores = os.cpu_count() or 1
     for ranks in (1, 2, 4):
+        # BLAS threads: this rank's share of the cores. OPENBLAS_CORETYPE/_L2_SIZE (set
+        # on some machines for old OpenBLAS builds) slow a current numpy: unset here only.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+        env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(max(1, cores // ranks))
         result = subprocess.run(
             ["mpirun", "-n", str(ranks), sys.executable, "-m", "distsgd.train",
              "--synthetic-params", "1000000", "--epochs", "2", "--batch-size", "256",
-             "--metrics", f"/tmp/distsgd-scaling-{ranks}.jsonl", "--quiet"],
-            capture_output=True, text=True, timeout=900, cwd=ROOT)
+             "--learning-rate", "0.01", "--metrics", f"/tmp/distsgd-scaling-{ranks}.jsonl",
+             "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
         if result.returncode != 0:
             raise SystemExit(f"scaling run at {ranks} ranks failed:\n{result.stderr[-3000:]}")
         lines = Path(f"/tmp/distsgd-scaling-{ranks}.jsonl").read_text().splitlines()

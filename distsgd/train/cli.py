@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                 loss_sum += float(value) * args.batch_size
                 examples += len(y)
                 bar.update(1)
+                if global_step % 10 == 0 and not bar.disable:
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{loss_sum / max(1, examples):.4f}",
+                                    samples_per_s=f"{examples * replicas / elapsed:,.0f}",
+                                    refresh=False)
                 if args.checkpoint_every and global_step % args.checkpoint_every == 0:
                     with timeline.span("checkpoint"):
                         checkpoint()

@@ -1,4 +1,4 @@
-"""The last rank is killed (SIGKILL) after one step; the others go on to the next."""
+"""The last rank freezes (SIGSTOP) after one step; the others go on to the next."""
 import os
 import signal
 
@@ -14,6 +14,6 @@ with strategy.scope():
     opt = SGD(0.1)
     opt.apply_gradients([(np.ones(3), var)])
     if strategy.rank == strategy.num_replicas_in_sync - 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP)
     opt.apply_gradients([(np.ones(3), var)])
     print(f"rank {strategy.rank} finished step 2", flush=True)
