@@ -5,9 +5,13 @@ One ``apply_gradients`` call, in order (nothing is modified before step 5):
 1. validate every (gradient, variable) pair;
 2. aggregate across replicas through the current strategy (identity in one process);
 3. drop variables with no gradient anywhere (``ValueError`` if that is all of them);
+   with ``skip_nonfinite_steps``, skip the whole step on every replica if any
+   aggregated gradient holds NaN or inf;
 4. evaluate the hyperparameters per variable dtype and clip the aggregated gradients
    (clipvalue, clipnorm per tensor, global_clipnorm);
-5. create ``iterations`` and slots, run the in-place kernels, ``iterations += 1``.
+5. create ``iterations`` and slots, run the in-place kernels (all dense updates of a
+   dtype in one threaded call), ``iterations += 1``; then the strategy's periodic
+   replica check, if configured.
 """
 
 from __future__ import annotations

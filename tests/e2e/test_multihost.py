@@ -139,8 +139,20 @@ def _finish(job, grace=20):
         return job.communicate()
 
 
-def test_cutting_a_hosts_link_ends_the_job_naming_the_rank(hosts, tmp_path):
+@pytest.fixture
+def jobs():
+    """Launchers started by a test; whatever happens, none outlives it."""
+    started = []
+    yield started
+    for job in started:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+            job.communicate()
+
+
+def test_cutting_a_hosts_link_ends_the_job_naming_the_rank(hosts, tmp_path, jobs):
     job = _start_long_run(hosts, tmp_path)
+    jobs.append(job)
     _ip("link", "set", hosts.links[1], "down")
     seconds = _wait_for_ranks_to_end(hosts, job)
     stdout, stderr = _finish(job)
@@ -149,8 +161,9 @@ def test_cutting_a_hosts_link_ends_the_job_naming_the_rank(hosts, tmp_path):
     assert "CollectiveTimeoutError: rank 0/2" in stderr and "rank 1 did not arrive" in stderr
 
 
-def test_killing_a_hosts_ranks_ends_the_job(hosts, tmp_path):
+def test_killing_a_hosts_ranks_ends_the_job(hosts, tmp_path, jobs):
     job = _start_long_run(hosts, tmp_path)
+    jobs.append(job)
     victims = [p for p in _ranks_alive(hosts) if p in hosts.pids(1)]
     assert victims
     for pid in victims:
