@@ -27,6 +27,7 @@ Every call, in the same order on every rank:
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,8 +118,11 @@ class GradientAggregator:
         self.fusion_threshold_bytes = fusion_threshold_bytes
         self.sparse_as_dense = sparse_as_dense
         self.calls = 0
-        self._signatures: dict[tuple[int, ...], tuple[list[Any], bytes, list[int]]] = {}
-        self._plans: dict[tuple[Any, ...], list[Bucket]] = {}
+        # Bounded caches: programs that pass ever-new variable lists (or whose None
+        # pattern keeps changing) must not accumulate signatures or fusion buffers.
+        self._signatures: OrderedDict[tuple[int, ...], tuple[list[Any], bytes, list[int]]] = \
+            OrderedDict()
+        self._plans: OrderedDict[tuple[Any, ...], list[Bucket]] = OrderedDict()
 
     def aggregate(self, grads: Sequence[Any], variables: Sequence[Variable],
                   step: int | None = None) -> list[Any]:
@@ -165,13 +169,13 @@ class GradientAggregator:
 
     def _signature(self, variables: Sequence[Variable]) -> tuple[list[Any], bytes, list[int]]:
         key = tuple(v._unique_id for v in variables)
-        cached = self._signatures.get(key)
+        cached = _lookup(self._signatures, key)
         if cached is None:
             positions = [i for i, v in enumerate(variables) if route_of(v) != LOCAL]
             signature = [(variables[i].name, variables[i].shape, variables[i].dtype.str,
                           route_of(variables[i])) for i in positions]
             cached = (signature, signature_hash(signature), positions)
-            self._signatures[key] = cached
+            _store(self._signatures, key, cached, _SIGNATURES_KEPT)
         return cached
 
     def _reduce_dense(self, grads: list[Any], entries: list[Entry], result: list[Any],
@@ -179,9 +183,10 @@ class GradientAggregator:
         if not entries:
             return
         key = (digest, tuple(e.position for e in entries))
-        buckets = self._plans.get(key)
+        buckets = _lookup(self._plans, key)
         if buckets is None:
-            buckets = self._plans[key] = plan_buckets(entries, self.fusion_threshold_bytes)
+            buckets = plan_buckets(entries, self.fusion_threshold_bytes)
+            _store(self._plans, key, buckets, _PLANS_KEPT)
         size = self.communicator.size
         chunk_bytes = getattr(self.communicator, "chunk_bytes", 1 << 62)
         for number, bucket in enumerate(buckets):
@@ -234,6 +239,23 @@ class GradientAggregator:
             elif route == MEAN:
                 np.divide(all_values, size, out=all_values)
             result[position] = IndexedSlices(all_values, all_indices, var.shape)
+
+
+_SIGNATURES_KEPT = 64
+_PLANS_KEPT = 4
+
+
+def _lookup(cache: OrderedDict, key: Any) -> Any:
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _store(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
+    cache[key] = value
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def _kind(grad: Any) -> int:

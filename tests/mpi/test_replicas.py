@@ -116,3 +116,15 @@ def test_fusion_groups_by_dtype_and_policy(strategy):
     assert layout == [([0, 3], "float32", "sum"), ([1], "float64", "sum"),
                       ([2], "float32", "mean"), ([4], "float32", "sum")]
     assert [len(b.entries) for b in plan_buckets(entries, 0)] == [1] * 5
+
+
+def test_aggregation_caches_stay_bounded(strategy):
+    from distsgd.distribute.aggregation import GradientAggregator
+
+    aggregator = GradientAggregator(strategy.communicator, fusion_threshold_bytes=1 << 20,
+                                    sparse_as_dense=False)
+    for i in range(100):  # a fresh variable list every call, as a lazily built model might
+        var = distsgd.Variable(np.zeros(i % 7 + 1), name=f"v{i}")
+        result = aggregator.aggregate([np.ones(i % 7 + 1)], [var])
+        assert result[0].tolist() == [strategy.num_replicas_in_sync] * (i % 7 + 1)
+    assert len(aggregator._signatures) <= 64 and len(aggregator._plans) <= 4
