@@ -225,15 +225,17 @@ class DenseUpdater:
         self.num_threads = default_num_threads() if num_threads is None else int(num_threads)
         self._pool: ThreadPoolExecutor | None = None
         self._scratch = [ScratchBuffers() for _ in range(self.num_threads)]
+        self._shares: dict[tuple[int, ...], list[list[tuple[int, slice | None]]]] = {}
 
     def gradient_descent_(self, variables: Sequence[np.ndarray], grads: Sequence[np.ndarray],
                           *, lr: np.generic) -> None:
         """``var -= grad * lr`` for each pair of 1-D arrays (all of one dtype)."""
         fused = _numba() if _fusable(variables) else None
 
-        def run(worker: int, parts: list[tuple[int, slice]]) -> None:
+        def run(worker: int, parts: list[tuple[int, slice | None]]) -> None:
             for i, part in parts:
-                var, grad = variables[i][part], grads[i][part]
+                var, grad = (variables[i], grads[i]) if part is None else \
+                    (variables[i][part], grads[i][part])
                 if fused is not None:
                     fused[0](var, grad, lr)
                 else:
@@ -248,9 +250,10 @@ class DenseUpdater:
         """:func:`keras_momentum_` for each triple of 1-D arrays (all of one dtype)."""
         fused = _numba() if _fusable(variables) else None
 
-        def run(worker: int, parts: list[tuple[int, slice]]) -> None:
+        def run(worker: int, parts: list[tuple[int, slice | None]]) -> None:
             for i, part in parts:
-                var, accum, grad = variables[i][part], accums[i][part], grads[i][part]
+                var, accum, grad = (variables[i], accums[i], grads[i]) if part is None else \
+                    (variables[i][part], accums[i][part], grads[i][part])
                 if fused is not None:
                     fused[1](var, accum, grad, lr, momentum, nesterov)
                 else:
@@ -261,18 +264,23 @@ class DenseUpdater:
         self._run(variables, run)
 
     def _run(self, variables: Sequence[np.ndarray],
-             run: Callable[[int, list[tuple[int, slice]]], None]) -> None:
-        sizes = [v.size for v in variables]
-        total = sum(sizes)
-        workers = 1 if total < PARALLEL_MIN_ELEMENTS else self.num_threads
-        shares = _partition(sizes, workers)
-        if workers == 1:
+             run: Callable[[int, list[tuple[int, slice | None]]], None]) -> None:
+        sizes = tuple(v.size for v in variables)
+        shares = self._shares.get(sizes)
+        if shares is None:  # the same model gives the same partition every step
+            workers = 1 if sum(sizes) < PARALLEL_MIN_ELEMENTS else self.num_threads
+            shares = [[(i, None if part == slice(0, sizes[i]) else part) for i, part in share]
+                      for share in _partition(sizes, workers)]
+            if len(self._shares) >= 8:
+                self._shares.pop(next(iter(self._shares)))
+            self._shares[sizes] = shares
+        if len(shares) == 1:
             run(0, shares[0])
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads - 1,
                                             thread_name_prefix="distsgd-kernel")
-        futures = [self._pool.submit(run, w, shares[w]) for w in range(1, workers)]
+        futures = [self._pool.submit(run, w, shares[w]) for w in range(1, len(shares))]
         run(0, shares[0])
         for future in futures:
             future.result()

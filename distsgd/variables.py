@@ -1,8 +1,8 @@
 """Numpy-backed variables with tf.distribute's synchronization and aggregation policies.
 
-A :class:`Variable` owns one C-contiguous numpy array and changes only through
-``assign``/``assign_add``/``assign_sub`` (or the optimizer's in-place kernels), so
-its storage may be a view into a larger flat buffer. Reads inside
+A :class:`Variable` owns one C-contiguous numpy array for its whole life and changes
+only through ``assign``/``assign_add``/``assign_sub`` (or the optimizer's in-place
+kernels), so views of its storage stay valid. Reads inside
 :func:`distsgd.optimizers.Optimizer.minimize` return autograd boxes, which is how
 gradients of numpy-style loss code are taken.
 """
@@ -263,13 +263,6 @@ class Variable:
         np.subtract(self._array, self._as_value(delta, "assign_sub"), out=self._array,
                     casting="same_kind")
         return self
-
-    def _rebind_storage(self, storage: np.ndarray) -> None:
-        """Move the value into ``storage`` (same shape and dtype), e.g. a flat-buffer view."""
-        if storage.shape != self._array.shape or storage.dtype != self._array.dtype:
-            raise ValueError(f"storage {storage.shape}/{storage.dtype} does not fit {self!r}")
-        np.copyto(storage, self._array)
-        self._array = storage
 
     def __repr__(self) -> str:
         return (f"<distsgd.Variable {self._name!r} shape={self.shape} dtype={self.dtype.name} "

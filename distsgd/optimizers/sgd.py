@@ -53,6 +53,7 @@ class SGD(Optimizer):
             check_number("momentum", momentum, low=0.0, high=1.0,
                          what="a number between [0, 1]")
         self._momentum = dynamic or momentum > 0
+        self._flat_views: dict[tuple[int, ...], tuple[list[np.ndarray], Any]] = {}
         self._set_hyper("momentum", momentum)
         self.nesterov = bool(nesterov)
 
@@ -95,10 +96,17 @@ class SGD(Optimizer):
         for grad, var in pairs:
             by_dtype.setdefault(var.dtype, []).append((grad, var))
         for dtype, group in by_dtype.items():
-            accums = [self.get_slot(v, "momentum")._array.reshape(-1) for _, v in group] \
-                if self._momentum else None
-            self._update_dense_many_([v._array.reshape(-1) for _, v in group], accums,
-                                     [g.reshape(-1) for g, _ in group], apply_state[dtype])
+            key = tuple(v._unique_id for _, v in group)
+            flat = self._flat_views.get(key)
+            if flat is None:  # the same variables every step: their flat views, once
+                flat = ([v._array.reshape(-1) for _, v in group],
+                        [self.get_slot(v, "momentum")._array.reshape(-1) for _, v in group]
+                        if self._momentum else None)
+                if len(self._flat_views) >= 8:
+                    self._flat_views.pop(next(iter(self._flat_views)))
+                self._flat_views[key] = flat
+            self._update_dense_many_(flat[0], flat[1], [g.reshape(-1) for g, _ in group],
+                                     apply_state[dtype])
 
     def _resource_apply_sparse(self, grad: np.ndarray, var: Variable, indices: np.ndarray,
                                apply_state: ApplyState) -> None:
