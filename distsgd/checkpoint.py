@@ -66,19 +66,18 @@ def _entries(variables: Sequence[Variable], optimizer: Any) -> list[tuple[str, V
                          "unique names")
     entries = [(f"var/{v.name}", v, route_of(v) == "local") for v in variables]
     by_id = {v._unique_id: v for v in variables}
+    owners = {id(slot): (var_id, slot_name) for var_id, slots in optimizer._slots.items()
+              for slot_name, slot in slots.items()}
     for weight in optimizer.weights:
         if weight is optimizer.iterations:
             entries.append(("optimizer/iterations", weight, False))
             continue
-        for var_id, slots in optimizer._slots.items():
-            for slot_name, slot in slots.items():
-                if slot is weight:
-                    var = by_id.get(var_id)
-                    if var is None:
-                        raise ValueError(f"optimizer slot {slot.name!r} belongs to a variable "
-                                         "not in `variables`")
-                    entries.append((f"slot/{var.name}/{slot_name}", slot,
-                                    route_of(var) == "local"))
+        var_id, slot_name = owners[id(weight)]
+        var = by_id.get(var_id)
+        if var is None:
+            raise ValueError(f"optimizer slot {weight.name!r} belongs to a variable not in "
+                             "`variables`")
+        entries.append((f"slot/{var.name}/{slot_name}", weight, route_of(var) == "local"))
     return entries
 
 

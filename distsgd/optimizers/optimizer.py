@@ -185,14 +185,17 @@ class Optimizer:
         """``lr_t`` in ``dtype``: schedule(t) or lr, divided by ``1 + decay * t``."""
         lr_t = self._get_hyper("learning_rate", dtype)
         if isinstance(lr_t, schedules_lib.LearningRateSchedule):
-            step = dtype.type(self.iterations._array)
-            lr_t = _cast(lr_t(step), dtype)
+            lr_t = _cast(lr_t(dtype.type(self._step_count())), dtype)
         if self._initial_decay > 0.0:
-            step = dtype.type(self.iterations._array)
+            step = dtype.type(self._step_count())
             lr_t = lr_t / (dtype.type(1) + self._get_hyper("decay", dtype) * step)
         return lr_t
 
     # --- variables the optimizer owns ----------------------------------------------------
+    def _step_count(self) -> int:
+        """``iterations`` as an int, without creating the variable (0 before it exists)."""
+        return 0 if self._iterations is None else int(self._iterations._array)
+
     @property
     def iterations(self) -> Variable:
         """int64 variable: the number of ``apply_gradients`` calls made."""
@@ -308,8 +311,7 @@ class Optimizer:
         grads = [g for g, _ in pairs]
         if experimental_aggregate_gradients:
             with timeline.span("aggregate"):
-                step = 0 if self._iterations is None else int(self._iterations._array)
-                grads = get_strategy()._aggregate_gradients(pairs, step)
+                grads = get_strategy()._aggregate_gradients(pairs, self._step_count())
         pairs = _filter_grads(list(zip(grads, (v for _, v in pairs), strict=True)))
         if self.skip_nonfinite_steps and get_strategy()._any_replica(
                 not all(_finite(g) for g, _ in pairs), "non-finite gradient check"):
@@ -330,25 +332,21 @@ class Optimizer:
         self._create_hypers()
         iterations = self.iterations
         self._create_slots(var_list)
-        if len({id(v) for v in var_list}) == len(var_list):
-            # each variable once: all dense updates together, then sparse ones
-            dense = [(g, v) for g, v in pairs if not isinstance(g, IndexedSlices)]
-            self._apply_dense_batch(dense, apply_state)
-            for grad, var in pairs:
-                if isinstance(grad, IndexedSlices):
-                    self._resource_apply_sparse_duplicate_indices(grad.values, var,
-                                                                  grad.indices, apply_state)
-                elif var.constraint is not None:
-                    var.assign(var.constraint(var))
-        else:  # a variable listed twice gets sequential updates, in order
-            for grad, var in pairs:
-                if isinstance(grad, IndexedSlices):
-                    self._resource_apply_sparse_duplicate_indices(grad.values, var,
-                                                                  grad.indices, apply_state)
-                else:
-                    self._resource_apply_dense(grad, var, apply_state)
-                    if var.constraint is not None:
-                        var.assign(var.constraint(var))
+        # each variable once: all dense updates in one batch; a variable listed twice gets
+        # sequential updates, in order
+        batched = len({id(v) for v in var_list}) == len(var_list)
+        if batched:
+            self._apply_dense_batch([(g, v) for g, v in pairs
+                                     if not isinstance(g, IndexedSlices)], apply_state)
+        for grad, var in pairs:
+            if isinstance(grad, IndexedSlices):
+                self._resource_apply_sparse_duplicate_indices(grad.values, var, grad.indices,
+                                                              apply_state)
+                continue
+            if not batched:
+                self._resource_apply_dense(grad, var, apply_state)
+            if var.constraint is not None:
+                var.assign(var.constraint(var))
         iterations._array += 1
         return iterations
 
@@ -371,7 +369,7 @@ class Optimizer:
         lr_t = self._decayed_lr(var_dtype)
         if not np.isfinite(lr_t) or lr_t < 0:
             raise ValueError(f"learning rate evaluated to {float(lr_t)!r} at iterations="
-                             f"{int(self.iterations._array)}; expected a finite number >= 0")
+                             f"{self._step_count()}; expected a finite number >= 0")
         apply_state[var_dtype]["lr_t"] = lr_t
 
     def _clip(self, pairs: list[tuple[Gradient, Variable]]) -> list[tuple[Gradient, Variable]]:

@@ -19,7 +19,7 @@ def test_unhandled_exception_on_one_rank_aborts_the_job(mpirun):
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_rank_that_stops_calling_collectives_ends_the_job_with_its_name(mpirun, ranks):
-    result = mpirun(ranks, PROGRAMS / "skip_collective.py", env={"DISTSGD_TIMEOUT": "2"})
+    result = mpirun(ranks, PROGRAMS / "stall_one_rank.py", "sleep", env={"DISTSGD_TIMEOUT": "2"})
     assert result.returncode != 0
     last = ranks - 1
     assert f"[distsgd rank 0/{ranks}] CollectiveTimeoutError: rank 0/{ranks}: gradient " \
@@ -33,7 +33,7 @@ def test_a_rank_that_stops_calling_collectives_ends_the_job_with_its_name(mpirun
 
 def test_a_frozen_rank_is_named_and_the_job_ends(mpirun):
     """SIGSTOP: the process exists but never arrives (MPI cannot tell it from slow)."""
-    result = mpirun(3, PROGRAMS / "freeze_one_rank.py", env={"DISTSGD_TIMEOUT": "2"})
+    result = mpirun(3, PROGRAMS / "stall_one_rank.py", "freeze", env={"DISTSGD_TIMEOUT": "2"})
     assert result.returncode != 0
     # whichever surviving rank's report reaches the launcher first
     assert re.search(r"CollectiveTimeoutError: rank [01]/3: gradient aggregation at step 1: "

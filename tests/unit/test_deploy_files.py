@@ -7,7 +7,6 @@ commands run here against stand-ins for ssh and mpirun.
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,4 +115,3 @@ def test_training_options_in_the_docs_exist():
                    "--metrics", "--timeline", "--synthetic-params", "--max-steps"]:
         assert option in readme
     assert parse_args(["--nesterov", "--max-steps", "3"]).max_steps == 3
-    assert sys.version_info >= (3, 10)

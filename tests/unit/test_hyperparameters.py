@@ -114,4 +114,14 @@ def test_callable_returning_bad_learning_rate_raises_before_any_change():
     with pytest.raises(ValueError, match="learning rate evaluated to nan"):
         opt.apply_gradients([(np.float32([1.0]), var)])
     np.testing.assert_array_equal(var.numpy(), [1.0])
+    assert opt.weights == []  # not even `iterations` was created
     assert int(opt.iterations.numpy()) == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(decay=0.5), dict(momentum=lambda: 2.0)])
+def test_failing_first_step_with_decay_or_bad_momentum_creates_nothing(kwargs):
+    var = distsgd.Variable([1.0])
+    opt = SGD(lambda: float("nan"), **kwargs) if "decay" in kwargs else SGD(1.0, **kwargs)
+    with pytest.raises(ValueError, match="evaluated to"):
+        opt.apply_gradients([(np.float32([1.0]), var)])
+    assert opt.weights == [] and opt.get_slot_names() == []
