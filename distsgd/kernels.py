@@ -7,14 +7,13 @@ They walk the arrays in cache-sized blocks through a caller-owned scratch buffer
 so a step allocates nothing proportional to the model size. Every operation is
 rounded in the variable's dtype, in the order TF's kernels evaluate it.
 
-:class:`DenseUpdater` runs one step's dense updates over many tensors at once, split
-into contiguous element ranges across a small thread pool (numpy and numba release the
-GIL). With the optional ``numba`` package (``pip install distsgd[fast]``) each range is
-one fused loop that reads ``grad, accum, var`` and writes ``accum, var`` once (the
-memory-traffic floor); otherwise the blocked numpy kernels below run. Both evaluate the
-same per-element expression in the same dtype without fused multiply-add, so they give
-bitwise the same results (tested). Set ``DISTSGD_KERNELS=numpy`` to force numpy and
-``DISTSGD_NUM_THREADS`` to size the pool.
+:func:`dense_kernels` gives, with the optional ``numba`` package (``pip install
+distsgd[fast]``), one fused loop that reads ``grad, accum, var`` and writes ``accum,
+var`` once (the memory-traffic floor); otherwise the blocked numpy kernels. Both
+evaluate the same per-element expression in the same dtype without fused multiply-add,
+so they give bitwise the same results (tested). Both release the GIL, so callers may
+run them on disjoint slices from several threads. Set ``DISTSGD_KERNELS=numpy`` to
+force numpy; ``DISTSGD_NUM_THREADS`` sizes callers' thread pools.
 
 Names ending in ``_`` mutate their first arguments. Nothing here imports distsgd.
 """
@@ -23,16 +22,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 __all__ = [
     "BLOCK_ELEMENTS",
-    "DenseUpdater",
+    "DenseKernels",
     "ScratchBuffers",
     "default_num_threads",
+    "dense_kernels",
     "gradient_descent_",
     "keras_momentum_",
     "sparse_gradient_descent_",
@@ -191,6 +190,33 @@ def _numba() -> tuple[Callable[..., None], Callable[..., None]] | None:
     return _numba_kernels or None
 
 
+_FUSABLE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: ``gradient_descent(var, grad, lr, scratch)`` and
+#: ``momentum(var, accum, grad, lr, momentum, nesterov, scratch)``
+DenseKernels = tuple[Callable[..., None], Callable[..., None]]
+
+
+def dense_kernels(dtype: np.dtype) -> DenseKernels:
+    """The dense update functions for ``dtype``: numba's fused loops when available (and
+    ``DISTSGD_KERNELS`` is not ``numpy``), else the blocked numpy kernels.
+
+    ``scratch`` is the calling thread's :class:`ScratchBuffers` (only numpy uses it).
+    Resolve once per step, call per slice: both release the GIL.
+    """
+    fused = _numba() if np.dtype(dtype) in _FUSABLE_DTYPES else None
+    if fused is not None:
+        fused_descent, fused_momentum = fused
+        return (lambda var, grad, lr, scratch: fused_descent(var, grad, lr),
+                lambda var, accum, grad, lr, momentum, nesterov, scratch:
+                fused_momentum(var, accum, grad, lr, momentum, nesterov))
+    return (lambda var, grad, lr, scratch: gradient_descent_(
+                var, grad, lr=lr, scratch=scratch.get(var.dtype, min(var.size, BLOCK_ELEMENTS))),
+            lambda var, accum, grad, lr, momentum, nesterov, scratch: keras_momentum_(
+                var, accum, grad, lr=lr, momentum=momentum, nesterov=nesterov,
+                scratch=scratch.get(var.dtype, 2 * min(var.size, BLOCK_ELEMENTS))))
+
+
 def default_num_threads() -> int:
     """``DISTSGD_NUM_THREADS``, else this process's share of the usable cores.
 
@@ -207,103 +233,3 @@ def default_num_threads() -> int:
         (os.cpu_count() or 1)
     local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
     return max(1, cores // max(1, int(local or 1)))
-
-
-#: Below this many elements a step's update runs on the calling thread alone.
-PARALLEL_MIN_ELEMENTS = 1 << 18
-
-
-class DenseUpdater:
-    """One step's dense updates over many tensors, split evenly across threads.
-
-    Args:
-        num_threads: worker count including the calling thread (default
-            :func:`default_num_threads`).
-    """
-
-    def __init__(self, num_threads: int | None = None) -> None:
-        self.num_threads = default_num_threads() if num_threads is None else int(num_threads)
-        self._pool: ThreadPoolExecutor | None = None
-        self._scratch = [ScratchBuffers() for _ in range(self.num_threads)]
-        self._shares: dict[tuple[int, ...], list[list[tuple[int, slice | None]]]] = {}
-
-    def gradient_descent_(self, variables: Sequence[np.ndarray], grads: Sequence[np.ndarray],
-                          *, lr: np.generic) -> None:
-        """``var -= grad * lr`` for each pair of 1-D arrays (all of one dtype)."""
-        fused = _numba() if _fusable(variables) else None
-
-        def run(worker: int, parts: list[tuple[int, slice | None]]) -> None:
-            for i, part in parts:
-                var, grad = (variables[i], grads[i]) if part is None else \
-                    (variables[i][part], grads[i][part])
-                if fused is not None:
-                    fused[0](var, grad, lr)
-                else:
-                    gradient_descent_(var, grad, lr=lr, scratch=self._scratch[worker].get(
-                        var.dtype, min(var.size, BLOCK_ELEMENTS)))
-
-        self._run(variables, run)
-
-    def keras_momentum_(self, variables: Sequence[np.ndarray], accums: Sequence[np.ndarray],
-                        grads: Sequence[np.ndarray], *, lr: np.generic, momentum: np.generic,
-                        nesterov: bool) -> None:
-        """:func:`keras_momentum_` for each triple of 1-D arrays (all of one dtype)."""
-        fused = _numba() if _fusable(variables) else None
-
-        def run(worker: int, parts: list[tuple[int, slice | None]]) -> None:
-            for i, part in parts:
-                var, accum, grad = (variables[i], accums[i], grads[i]) if part is None else \
-                    (variables[i][part], accums[i][part], grads[i][part])
-                if fused is not None:
-                    fused[1](var, accum, grad, lr, momentum, nesterov)
-                else:
-                    keras_momentum_(var, accum, grad, lr=lr, momentum=momentum,
-                                    nesterov=nesterov, scratch=self._scratch[worker].get(
-                                        var.dtype, 2 * min(var.size, BLOCK_ELEMENTS)))
-
-        self._run(variables, run)
-
-    def _run(self, variables: Sequence[np.ndarray],
-             run: Callable[[int, list[tuple[int, slice | None]]], None]) -> None:
-        sizes = tuple(v.size for v in variables)
-        shares = self._shares.get(sizes)
-        if shares is None:  # the same model gives the same partition every step
-            workers = 1 if sum(sizes) < PARALLEL_MIN_ELEMENTS else self.num_threads
-            shares = [[(i, None if part == slice(0, sizes[i]) else part) for i, part in share]
-                      for share in _partition(sizes, workers)]
-            if len(self._shares) >= 8:
-                self._shares.pop(next(iter(self._shares)))
-            self._shares[sizes] = shares
-        if len(shares) == 1:
-            run(0, shares[0])
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads - 1,
-                                            thread_name_prefix="distsgd-kernel")
-        futures = [self._pool.submit(run, w, shares[w]) for w in range(1, len(shares))]
-        run(0, shares[0])
-        for future in futures:
-            future.result()
-
-
-def _fusable(variables: Sequence[np.ndarray]) -> bool:
-    return bool(variables) and variables[0].dtype in (np.float32, np.float64)
-
-
-def _partition(sizes: Sequence[int], workers: int) -> list[list[tuple[int, slice]]]:
-    """Split tensors (by element count) into ``workers`` contiguous, equal shares."""
-    total = sum(sizes)
-    per = -(-total // workers) if total else 0
-    shares: list[list[tuple[int, slice]]] = [[] for _ in range(workers)]
-    worker, room = 0, per
-    for i, size in enumerate(sizes):
-        start = 0
-        while start < size:
-            take = min(size - start, room) if worker < workers - 1 else size - start
-            shares[worker].append((i, slice(start, start + take)))
-            start += take
-            room -= take
-            if room == 0 and worker < workers - 1:
-                worker, room = worker + 1, per
-    return shares
-

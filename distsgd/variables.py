@@ -2,7 +2,9 @@
 
 A :class:`Variable` owns one C-contiguous numpy array for its whole life and changes
 only through ``assign``/``assign_add``/``assign_sub`` (or the optimizer's in-place
-kernels), so views of its storage stay valid. Reads inside
+kernels), so views of its storage stay valid. Floating-point tensors are allocated
+from :data:`distsgd.arena.default_arena`, so variables created one after another lie
+back to back in memory and a step updates many of them in one kernel call. Reads inside
 :func:`distsgd.optimizers.Optimizer.minimize` return autograd boxes, which is how
 gradients of numpy-style loss code are taken.
 """
@@ -17,6 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from distsgd.arena import default_arena
 
 __all__ = ["Variable", "VariableAggregation", "VariableSynchronization", "variable_creator_scope"]
 
@@ -112,10 +116,16 @@ def _initial_array(initial_value: Any, dtype: np.dtype | None) -> np.ndarray:
             dtype = np.dtype(np.float32)
         elif probe.dtype == np.int64:
             dtype = np.dtype(np.int32)
-    value = np.array(initial_value, dtype=dtype, order="C", copy=True)
+    value = np.asarray(initial_value, dtype=dtype)
     if value.dtype == object:
         raise TypeError(f"initial_value={initial_value!r} is not numeric")
-    return value
+    if value.dtype.kind != "f" or value.ndim == 0:
+        return np.array(value, order="C", copy=True)
+    # floating-point tensors go back to back in the arena: a model's variables (and an
+    # optimizer's slots) then form a few contiguous runs that one kernel call covers
+    storage = default_arena.empty(value.shape, value.dtype)
+    np.copyto(storage, value)
+    return storage
 
 
 class Variable:

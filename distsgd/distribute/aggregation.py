@@ -18,27 +18,39 @@ Every call, in the same order on every rank:
    bit 1 "sparse here", so a variable whose gradient is ``None`` on some ranks is
    sent as zeros (or an empty slice) there instead of being skipped, which would
    hang the others; mixed dense/sparse becomes dense, as in TF;
-3. dense gradients, packed into flat per-(dtype, route) buckets, reduced in place
-   (chunked ``Allreduce`` for sum/mean, ``Bcast`` from rank 0 for first);
+3. dense gradients, per-(dtype, route) buckets cut into chunks, each packed into a
+   small buffer and reduced in place (``Allreduce`` for sum/mean, ``Bcast`` from rank
+   0 for first), then either kept in the bucket's buffer (:meth:`aggregate`) or
+   handed straight to the optimizer's update while in cache (streaming);
 4. sparse gradients gathered with ``Allgatherv``: values and indices concatenated in
    rank order, values divided by the world size for MEAN, rank 0's slices for first.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from distsgd.distribute.fusion import Bucket, Entry, plan_buckets
+from distsgd.distribute.comm import DEFAULT_CHUNK_BYTES
+from distsgd.distribute.fusion import (
+    ISOLATED_CHUNK_BYTES,
+    Bucket,
+    Chunk,
+    Entry,
+    plan_buckets,
+    plan_chunks,
+    stream_chunks,
+)
 from distsgd.indexed_slices import IndexedSlices, to_dense
-from distsgd.timeline import timeline
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
-__all__ = ["GradientAggregator", "MismatchError", "route_of"]
+__all__ = ["AggregationPlan", "GradientAggregator", "MismatchError", "route_of"]
 
 LOCAL, SUM, MEAN, FIRST = "local", "sum", "mean", "first"
 _NONE, _DENSE, _SPARSE = 0, 1, 2
@@ -103,6 +115,34 @@ def _describe(item: tuple[str, tuple[int, ...], str, str]) -> str:
     return f"{name!r} shape {shape} {np.dtype(dtype).name} ({route})"
 
 
+@dataclass(frozen=True)
+class _Signature:
+    key: tuple[int, ...]
+    items: list[Any]
+    digest: bytes
+    positions: list[int]
+
+
+@dataclass
+class AggregationPlan:
+    """What one call moves, agreed by every rank (cached per variable list and kinds).
+
+    ``kinds[i]`` is the gradient variable ``i`` gets: ``None`` (no rank has one),
+    dense (``_DENSE``) or sparse (``_SPARSE``). Dense gradients travel in ``chunks`` of
+    ``buckets``; ``sparse`` lists the positions gathered with ``Allgatherv``;
+    ``densify`` the positions sparse here but dense elsewhere.
+    """
+
+    kinds: tuple[int | None, ...]
+    buckets: list[Bucket]
+    chunks: list[Chunk]
+    sparse: list[int]
+    densify: list[int]
+    label: str = ""
+    #: per-plan data of the plan's user (the optimizer's update segments)
+    user_data: dict[Any, Any] = field(default_factory=dict)
+
+
 class GradientAggregator:
     """Aggregates the gradients of one ``apply_gradients`` call across ranks.
 
@@ -110,115 +150,174 @@ class GradientAggregator:
         communicator: a :class:`~distsgd.distribute.comm.Communicator`.
         fusion_threshold_bytes: dense bucket size cap; 0 sends one buffer per tensor.
         sparse_as_dense: densify :class:`IndexedSlices` before reducing.
+        chunk_bytes: dense buckets travel in messages of at most this many bytes
+            (default: the communicator's ``chunk_bytes``, else 1 MiB).
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
-                 sparse_as_dense: bool) -> None:
+                 sparse_as_dense: bool, chunk_bytes: int | None = None) -> None:
         self.communicator = communicator
         self.fusion_threshold_bytes = fusion_threshold_bytes
         self.sparse_as_dense = sparse_as_dense
+        self.chunk_bytes = int(chunk_bytes or getattr(communicator, "chunk_bytes", 0)
+                               or DEFAULT_CHUNK_BYTES)
         self.calls = 0
         # Bounded caches: programs that pass ever-new variable lists (or whose None
-        # pattern keeps changing) must not accumulate signatures or fusion buffers.
-        self._signatures: OrderedDict[tuple[int, ...], tuple[list[Any], bytes, list[int]]] = \
-            OrderedDict()
-        self._plans: OrderedDict[tuple[Any, ...], list[Bucket]] = OrderedDict()
+        # pattern keeps changing) must not accumulate signatures or plans.
+        self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
+        self._plans: OrderedDict[tuple[Any, ...], AggregationPlan] = OrderedDict()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether gradients cross ranks (more than one rank)."""
+        return self.communicator.size > 1
+
+    def local_form(self, grads: Sequence[Any], variables: Sequence[Variable]) -> Sequence[Any]:
+        """The gradients as they will be sent: sparse ones densified with ``sparse_as_dense``."""
+        if not self.sparse_as_dense:
+            return grads
+        return [to_dense(g.values, g.indices, v.shape) if isinstance(g, IndexedSlices) else g
+                for g, v in zip(grads, variables, strict=True)]
+
+    def agree(self, grads: Sequence[Any], variables: Sequence[Variable],
+              step: int | None = None, all_dense: bool = False) -> AggregationPlan:
+        """Prove every rank passes the same variables and agree on what moves.
+
+        Collectives, on every rank in this order: the signature check, then, only when
+        some rank has a ``None`` or sparse gradient, the kinds exchange. ``grads`` are
+        in :meth:`local_form`; ``all_dense`` promises they are all dense arrays.
+
+        Raises:
+            MismatchError: on every rank alike, naming the variable and the ranks.
+        """
+        self.calls += 1
+        label = f"gradient aggregation at step {step}" if step is not None else \
+            f"gradient aggregation (call {self.calls})"
+        signature = self._signature(variables)
+        local = bytes(len(variables) * [_DENSE]) if all_dense else bytes(map(_kind, grads))
+        shared = local
+        if self.distributed:
+            kinds = np.frombuffer(local, dtype=np.uint8)[signature.positions]
+            if agree_or_raise(self.communicator, signature.items, signature.digest, label,
+                              _describe, flag=int(bool(np.any(kinds != _DENSE)))):
+                kinds = kinds.copy()
+                self.communicator.allreduce_(kinds, "bor", what=f"{label}: gradient kinds")
+                merged = bytearray(local)
+                for position, kind in zip(signature.positions, kinds.tolist(), strict=True):
+                    merged[position] = kind
+                shared = bytes(merged)
+        key = (signature.key, local, shared)
+        plan = _lookup(self._plans, key)
+        if plan is None:
+            plan = self._plan(variables, local, shared)
+            _store(self._plans, key, plan, _PLANS_KEPT)
+        plan.label = label
+        return plan
+
+    def _signature(self, variables: Sequence[Variable]) -> _Signature:
+        key = tuple(v._unique_id for v in variables)
+        cached = _lookup(self._signatures, key)
+        if cached is None:
+            positions = [i for i, v in enumerate(variables) if route_of(v) != LOCAL]
+            items = [(variables[i].name, variables[i].shape, variables[i].dtype.str,
+                      route_of(variables[i])) for i in positions]
+            cached = _Signature(key, items, signature_hash(items), positions)
+            _store(self._signatures, key, cached, _SIGNATURES_KEPT)
+        return cached
+
+    def _plan(self, variables: Sequence[Variable], local: bytes,
+              shared: bytes) -> AggregationPlan:
+        kinds: list[int | None] = []
+        entries, sparse, densify = [], [], []
+        for position, (var, mine, everyone) in enumerate(zip(variables, local, shared,
+                                                             strict=True)):
+            # one rank: every route is the identity, so all dense gradients of a dtype
+            # share buckets (longer runs, fewer kernel calls)
+            route = route_of(var) if self.distributed else LOCAL
+            if everyone == _NONE:
+                kinds.append(None)
+            elif everyone & _DENSE if route != LOCAL else mine == _DENSE:
+                # dense everywhere, or mixed: densify (TF adds them densely)
+                kinds.append(_DENSE)
+                entries.append(Entry(position, var.dtype, route, var.shape))
+                if mine == _SPARSE:
+                    densify.append(position)
+            else:
+                kinds.append(_SPARSE)
+                if route != LOCAL:
+                    sparse.append(position)
+        buckets = plan_buckets(entries, self.fusion_threshold_bytes)
+        chunks = plan_chunks(buckets, self.chunk_bytes,
+                             None if self.distributed else ISOLATED_CHUNK_BYTES)
+        return AggregationPlan(tuple(kinds), buckets, chunks, sparse, densify)
+
+    def densified(self, plan: AggregationPlan, grads: Sequence[Any],
+                  variables: Sequence[Variable]) -> Sequence[Any]:
+        """``grads`` with the plan's mixed sparse/dense gradients made dense here."""
+        if not plan.densify:
+            return grads
+        grads = list(grads)
+        for position in plan.densify:
+            grad = grads[position]
+            grads[position] = to_dense(grad.values, grad.indices, variables[position].shape)
+        return grads
+
+    def reduce_chunk_(self, plan: AggregationPlan, chunk: Chunk, buffer: np.ndarray) -> None:
+        """Combine one packed chunk across ranks in place, per its bucket's route."""
+        bucket = chunk.bucket
+        if bucket.route == LOCAL:
+            return
+        what = (f"{plan.label}: {bucket.route} {bucket.dtype.name} bucket of "
+                f"{bucket.nbytes} bytes, elements {chunk.start}-{chunk.stop}")
+        if bucket.route == FIRST:
+            self.communicator.bcast_(buffer, root=0, what=what)
+        else:
+            self.communicator.allreduce_(buffer, "sum", what=what)
+            if bucket.route == MEAN:
+                np.divide(buffer, self.communicator.size, out=buffer)
 
     def aggregate(self, grads: Sequence[Any], variables: Sequence[Variable],
                   step: int | None = None) -> list[Any]:
         """The aggregated gradient for each variable (``None``: none on any rank).
 
-        ``step`` (the optimizer's iterations) only labels errors and timeouts.
+        Dense results are views of the plan's bucket buffers (overwritten by the next
+        call with the same plan); ``step`` (the optimizer's iterations) labels errors.
         """
-        self.calls += 1
-        grads = [self._local_form(g, v) for g, v in zip(grads, variables, strict=True)]
-        if self.communicator.size == 1:
-            return grads
-        signature, digest, positions = self._signature(variables)
-        what = f"gradient aggregation at step {step}" if step is not None else \
-            f"gradient aggregation (call {self.calls})"
-        kinds = np.array([_kind(grads[i]) for i in positions], dtype=np.uint8)
-        not_all_dense = int(bool(np.any(kinds != _DENSE)))
-        if agree_or_raise(self.communicator, signature, digest, what, _describe,
-                          flag=not_all_dense):
-            self.communicator.allreduce_(kinds, "bor", what=f"{what}: gradient kinds")
-        if not positions:
-            return grads
+        grads = self.local_form(grads, variables)
+        return self.reduce_planned(self.agree(grads, variables, step), grads, variables)
 
-        result = list(grads)
-        dense_entries, sparse_positions = [], []
-        for position, kind in zip(positions, kinds.tolist(), strict=True):
-            var = variables[position]
-            if kind == _NONE:
-                result[position] = None
-            elif kind == _SPARSE:
-                sparse_positions.append(position)
-            else:  # dense everywhere, or mixed: densify (TF adds them densely)
-                if isinstance(grads[position], IndexedSlices):
-                    grads[position] = to_dense(grads[position].values,
-                                               grads[position].indices, var.shape)
-                dense_entries.append(Entry(position, var.dtype, route_of(var), var.shape))
-        self._reduce_dense(grads, dense_entries, result, digest, what)
-        self._gather_sparse(grads, variables, sparse_positions, result, what)
-        return result
+    def reduce_planned(self, plan: AggregationPlan, grads: Sequence[Any],
+                       variables: Sequence[Variable]) -> list[Any]:
+        """:meth:`aggregate` after :meth:`agree`: move everything, keep the results."""
+        if not self.distributed:
+            return [g if kind is not None else None
+                    for g, kind in zip(grads, plan.kinds, strict=True)]
+        grads = self.densified(plan, grads, variables)
+        result: list[Any] = list(grads)
+        stream_chunks([c for c in plan.chunks if c.bucket.route != LOCAL], grads,
+                      _ignore, reduce=functools.partial(self.reduce_chunk_, plan),
+                      out=lambda chunk: chunk.bucket.buffer[chunk.start:chunk.stop])
+        for bucket in plan.buckets:
+            if bucket.route != LOCAL:
+                for entry, view in zip(bucket.entries, bucket.views(), strict=True):
+                    result[entry.position] = view
+        for position, slices in self.gather_sparse(plan, grads, variables).items():
+            result[position] = slices
+        return [None if kind is None else g for g, kind in zip(result, plan.kinds, strict=True)]
 
-    def _local_form(self, grad: Any, var: Variable) -> Any:
-        if self.sparse_as_dense and isinstance(grad, IndexedSlices):
-            return to_dense(grad.values, grad.indices, var.shape)
-        return grad
-
-    def _signature(self, variables: Sequence[Variable]) -> tuple[list[Any], bytes, list[int]]:
-        key = tuple(v._unique_id for v in variables)
-        cached = _lookup(self._signatures, key)
-        if cached is None:
-            positions = [i for i, v in enumerate(variables) if route_of(v) != LOCAL]
-            signature = [(variables[i].name, variables[i].shape, variables[i].dtype.str,
-                          route_of(variables[i])) for i in positions]
-            cached = (signature, signature_hash(signature), positions)
-            _store(self._signatures, key, cached, _SIGNATURES_KEPT)
-        return cached
-
-    def _reduce_dense(self, grads: list[Any], entries: list[Entry], result: list[Any],
-                      digest: bytes, what: str) -> None:
-        if not entries:
-            return
-        key = (digest, tuple(e.position for e in entries))
-        buckets = _lookup(self._plans, key)
-        if buckets is None:
-            buckets = plan_buckets(entries, self.fusion_threshold_bytes)
-            _store(self._plans, key, buckets, _PLANS_KEPT)
+    def gather_sparse(self, plan: AggregationPlan, grads: Sequence[Any],
+                      variables: Sequence[Variable]) -> dict[int, IndexedSlices]:
+        """Gather the plan's sparse gradients from every rank (``Allgatherv``, rank order)."""
+        if not plan.sparse:
+            return {}
         size = self.communicator.size
-        chunk_bytes = getattr(self.communicator, "chunk_bytes", 1 << 62)
-        for number, bucket in enumerate(buckets):
-            label = (f"{what}: bucket {number + 1}/{len(buckets)} ({bucket.route}, "
-                     f"{bucket.dtype.name}, {bucket.nbytes} bytes)")
-            step = max(1, chunk_bytes // bucket.dtype.itemsize)
-            with timeline.span(f"bucket {number + 1}", "aggregate", route=bucket.route,
-                               dtype=bucket.dtype.name, bytes=bucket.nbytes):
-                for start in range(0, bucket.buffer.size, step):
-                    stop = min(start + step, bucket.buffer.size)
-                    bucket.pack_(grads, start, stop)
-                    chunk = bucket.buffer[start:stop]
-                    if bucket.route == FIRST:
-                        self.communicator.bcast_(chunk, root=0, what=label)
-                    else:
-                        self.communicator.allreduce_(chunk, "sum", what=label)
-                        if bucket.route == MEAN:
-                            np.divide(chunk, size, out=chunk)
-            for entry, view in zip(bucket.entries, bucket.views(), strict=True):
-                result[entry.position] = view
-
-    def _gather_sparse(self, grads: list[Any], variables: Sequence[Variable],
-                       positions: list[int], result: list[Any], what: str) -> None:
-        if not positions:
-            return
-        size = self.communicator.size
-        rows = np.array([0 if grads[i] is None else len(grads[i].indices) for i in positions],
+        rows = np.array([0 if grads[i] is None else len(grads[i].indices) for i in plan.sparse],
                         dtype=np.int64)
         all_rows = self.communicator.allgatherv(
-            rows, np.full(size, len(positions)), what=f"{what}: sparse row counts"
-        ).reshape(size, len(positions))
-        for column, position in enumerate(positions):
+            rows, np.full(size, len(plan.sparse)), what=f"{plan.label}: sparse row counts"
+        ).reshape(size, len(plan.sparse))
+        gathered = {}
+        for column, position in enumerate(plan.sparse):
             var = variables[position]
             row_elements = int(np.prod(var.shape[1:], dtype=np.int64))
             grad = grads[position]
@@ -227,7 +326,7 @@ class GradientAggregator:
                 indices = np.zeros(0, dtype=np.int64)
             else:
                 values, indices = grad.values, grad.indices
-            label = f"{what}: sparse gradient of {var.name!r}"
+            label = f"{plan.label}: sparse gradient of {var.name!r}"
             counts = all_rows[:, column]
             all_values = self.communicator.allgatherv(
                 np.ascontiguousarray(values).reshape(-1), counts * row_elements, what=label)
@@ -238,7 +337,12 @@ class GradientAggregator:
                 all_values, all_indices = all_values[:counts[0]], all_indices[:counts[0]]
             elif route == MEAN:
                 np.divide(all_values, size, out=all_values)
-            result[position] = IndexedSlices(all_values, all_indices, var.shape)
+            gathered[position] = IndexedSlices(all_values, all_indices, var.shape)
+        return gathered
+
+
+def _ignore(*args: Any) -> None:
+    """``on_chunk`` of a reduction that keeps its results in the bucket buffers."""
 
 
 _SIGNATURES_KEPT = 64

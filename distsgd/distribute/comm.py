@@ -167,14 +167,15 @@ class MPICommunicator:
         self.size = self._comm.Get_size()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "bor": MPI.BOR}
 
-    def _wait(self, request: Any, what: str) -> None:
-        """Wait for ``request`` with the watchdog armed (blocking waits run at MPI speed)."""
+    def _guarded(self, call: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the blocking MPI ``call`` with the watchdog armed (blocking calls are the
+        fastest: MPICH's nonblocking collectives use slower schedules)."""
         self.collectives += 1
         if self._watchdog is None:
             self._watchdog = _Watchdog(self)
         self._watchdog.arm(what or "collective")
         try:
-            request.Wait()
+            return call(*args, **kwargs)
         finally:
             self._watchdog.disarm()
 
@@ -224,26 +225,27 @@ class MPICommunicator:
         step = max(1, self.chunk_bytes // max(1, flat.itemsize))
         mpi_op = self._ops[op]
         for start in range(0, flat.size, step):
-            part = flat[start:start + step]
-            self._wait(self._comm.Iallreduce(self._MPI.IN_PLACE, part, op=mpi_op), what)
+            self._guarded(self._comm.Allreduce, what, self._MPI.IN_PLACE,
+                          flat[start:start + step], op=mpi_op)
         if flat.size == 0:
-            self._wait(self._comm.Ibarrier(), what)
+            self._guarded(self._comm.Barrier, what)
 
     def bcast_(self, buffer: np.ndarray, root: int = 0, what: str = "") -> None:
         _check_root(root, self.size)
-        self._wait(self._comm.Ibcast(buffer.reshape(-1), root=root), what)
+        self._guarded(self._comm.Bcast, what, buffer.reshape(-1), root=root)
 
     def allgatherv(self, send: np.ndarray, counts: np.ndarray, what: str = "") -> np.ndarray:
         counts = np.asarray(counts, dtype=np.int64)
         received = np.empty(int(counts.sum()), dtype=send.dtype)
-        self._wait(self._comm.Iallgatherv(send.reshape(-1), [received, counts.tolist()]), what)
+        self._guarded(self._comm.Allgatherv, what, send.reshape(-1),
+                      [received, counts.tolist()])
         return received
 
     def allgather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)
 
     def barrier(self, what: str = "") -> None:
-        self._wait(self._comm.Ibarrier(), what or "barrier")
+        self._guarded(self._comm.Barrier, what or "barrier")
 
     def abort(self, code: int = 1) -> None:
         # MPI_Abort must reach the launcher, which may be unreachable (a cut link), and

@@ -264,13 +264,19 @@ class Strategy:
         if every and self._applied_steps % every == 0:
             self.check_replicas(variables, optimizer, repair=self.repair_replicas)
 
-    def _aggregate_gradients(self, pairs: list[tuple[Any, Variable]],
-                             step: int | None = None) -> list[Any]:
+    def _gradient_aggregator(self) -> GradientAggregator:
+        """The aggregation layer of this strategy (made on first use)."""
         if self._aggregator is None:
             self._aggregator = GradientAggregator(
                 self.communicator, fusion_threshold_bytes=self.fusion_threshold_bytes,
                 sparse_as_dense=self.sparse_as_dense)
-        return self._aggregator.aggregate([g for g, _ in pairs], [v for _, v in pairs], step)
+        return self._aggregator
+
+    def _aggregate_gradients(self, pairs: list[tuple[Any, Variable]],
+                             step: int | None = None) -> list[Any]:
+        """Every pair's gradient aggregated across replicas (see ``GradientAggregator``)."""
+        return self._gradient_aggregator().aggregate([g for g, _ in pairs],
+                                                     [v for _, v in pairs], step)
 
     def __repr__(self) -> str:
         size = "?" if self._communicator is None else self._communicator.size

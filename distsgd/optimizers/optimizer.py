@@ -2,40 +2,64 @@
 
 One ``apply_gradients`` call, in order (nothing is modified before step 5):
 
-1. validate every (gradient, variable) pair;
-2. aggregate across replicas through the current strategy (identity in one process);
+1. validate every (gradient, variable) pair (:mod:`~distsgd.optimizers.validation`);
+2. agree with the other replicas on what moves (signature check; see
+   :mod:`~distsgd.distribute.aggregation`): the aggregation plan, cached per variable
+   list, with the dense gradients cut into chunks;
 3. drop variables with no gradient anywhere (``ValueError`` if that is all of them);
-   with ``skip_nonfinite_steps``, skip the whole step on every replica if any
-   aggregated gradient holds NaN or inf;
-4. evaluate the hyperparameters per variable dtype and clip the aggregated gradients
-   (clipvalue, clipnorm per tensor, global_clipnorm);
-5. create ``iterations`` and slots, run the in-place kernels (all dense updates of a
-   dtype in one threaded call), ``iterations += 1``; then the strategy's periodic
-   replica check, if configured.
+4. evaluate the hyperparameters per variable dtype (errors raise here);
+5. create ``iterations`` and slots on first use, then, streaming: pack, reduce, clip
+   by value and apply each chunk while it is in cache, one kernel call per run of
+   contiguous variable memory (:mod:`~distsgd.optimizers.segments`), then the sparse
+   gradients; ``iterations += 1``; then the strategy's periodic replica check.
+
+Clipping by norm and ``skip_nonfinite_steps`` need every aggregated gradient before
+any update, as does an optimizer whose update is not element-wise: those steps
+aggregate everything first (into the plan's bucket buffers), then clip, check and
+apply the same chunked kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from distsgd import clipping, kernels
 from distsgd._validation import check_number
+from distsgd.distribute.aggregation import (
+    _DENSE,
+    _SPARSE,
+    AggregationPlan,
+    GradientAggregator,
+)
+from distsgd.distribute.comm import SerialCommunicator
+from distsgd.distribute.fusion import (
+    DEFAULT_FUSION_THRESHOLD_BYTES,
+    Chunk,
+    ChunkBuffers,
+    stream_chunks,
+)
 from distsgd.distribute.strategy import get_strategy
 from distsgd.gradients import gradients
 from distsgd.indexed_slices import IndexedSlices, deduplicate
 from distsgd.optimizers import schedules as schedules_lib
+from distsgd.optimizers.segments import Segment, chunk_sources, plan_segments
+from distsgd.optimizers.validation import Checked, PairValidator
 from distsgd.timeline import timeline
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
 __all__ = ["Optimizer"]
 
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: Below this many elements a step's update runs on the calling thread alone.
+PARALLEL_MIN_ELEMENTS = 1 << 18
 _ALLOWED_KWARGS = ("clipnorm", "clipvalue", "global_clipnorm", "lr", "decay")
 #: Range rules for hyperparameters given as numbers: (low, high).
 _HYPER_RANGES = {"learning_rate": (0.0, math.inf), "decay": (0.0, math.inf),
@@ -102,7 +126,16 @@ class Optimizer:
         self._slot_names: list[str] = []
         self._weights: list[Variable] = []
         self._iterations: Variable | None = None
-        self._updater = kernels.DenseUpdater()
+        self._validator = PairValidator()
+        # already aggregated gradients (and one process) are planned without collectives
+        self._local_aggregator = GradientAggregator(
+            SerialCommunicator(), fusion_threshold_bytes=DEFAULT_FUSION_THRESHOLD_BYTES,
+            sparse_as_dense=False)
+        self._token = object()  # this optimizer's key in plans' user_data
+        self._num_threads = kernels.default_num_threads()
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch = [kernels.ScratchBuffers() for _ in range(self._num_threads)]
+        self._chunk_buffers = [ChunkBuffers() for _ in range(self._num_threads)]
         self._initial_decay = kwargs.get("decay") or 0.0
         #: distsgd extension (not in the config): skip a step whose aggregated gradients
         #: hold NaN or inf, on every replica alike, and count it. Off by default: NaN
@@ -307,58 +340,160 @@ class Optimizer:
                 gradient for any variable.
         """
         del name
-        pairs = _validate_grads_and_vars(grads_and_vars)
-        grads = [g for g, _ in pairs]
-        if experimental_aggregate_gradients:
+        checked = self._validate(grads_and_vars)
+        strategy = get_strategy()
+        aggregator = strategy._gradient_aggregator() if experimental_aggregate_gradients \
+            else self._local_aggregator
+        grads = aggregator.local_form(checked.grads, checked.variables)
+        with timeline.span("aggregate"):
+            plan = aggregator.agree(grads, checked.variables, self._step_count(),
+                                    checked.all_dense)
+        updated = _updated_variables(plan, checked.variables)
+        if self._streams(plan, checked.variables):
+            # aggregate and update chunk by chunk: each reduced chunk is applied in cache
+            apply_state = self._prepare(updated)
+            state = self._stream_state(plan, checked.variables, updated)
+            grads = aggregator.densified(plan, grads, checked.variables)
+            sources = None
+            if checked.buffer is not None and not plan.densify:
+                sources = state.sources.get(checked.buffer)
+                if sources is None:
+                    sources = state.sources[checked.buffer] = chunk_sources(
+                        plan.chunks, checked.grads)
+            self._stream_update(plan, state.segments, grads, apply_state,
+                                functools.partial(aggregator.reduce_chunk_, plan)
+                                if aggregator.distributed else None,
+                                checked.all_dense, sources)
             with timeline.span("aggregate"):
-                grads = get_strategy()._aggregate_gradients(pairs, self._step_count())
-        pairs = _filter_grads(list(zip(grads, (v for _, v in pairs), strict=True)))
-        if self.skip_nonfinite_steps and get_strategy()._any_replica(
-                not all(_finite(g) for g, _ in pairs), "non-finite gradient check"):
-            self.nonfinite_steps_skipped += 1
-            warnings.warn(f"non-finite gradient: step skipped on every replica "
-                          f"({self.nonfinite_steps_skipped} so far)", stacklevel=2)
-            return self.iterations
-        with timeline.span("update"):
-            iterations = self._apply(pairs)
-        get_strategy()._after_apply(self, [v for _, v in pairs])
-        return iterations
+                gathered = aggregator.gather_sparse(plan, grads, checked.variables)
+            with timeline.span("update"):
+                self._apply_sparse(plan, grads, gathered, checked.variables, apply_state)
+                for var in state.constrained:
+                    var.assign(var.constraint(var))
+                self.iterations._array += 1
+        else:
+            with timeline.span("aggregate"):
+                grads = aggregator.reduce_planned(plan, grads, checked.variables)
+            pairs = [(g, v) for g, v in zip(grads, checked.variables, strict=True)
+                     if g is not None]
+            if self.skip_nonfinite_steps and strategy._any_replica(
+                    not all(_finite(g) for g, _ in pairs), "non-finite gradient check"):
+                self.nonfinite_steps_skipped += 1
+                warnings.warn(f"non-finite gradient: step skipped on every replica "
+                              f"({self.nonfinite_steps_skipped} so far)", stacklevel=2)
+                return self.iterations
+            with timeline.span("update"):
+                self._apply(pairs)
+        strategy._after_apply(self, updated)
+        return self.iterations
+
+    def _validate(self, grads_and_vars: Any) -> Checked:
+        return self._validator(grads_and_vars)
+
+    def _streams(self, plan: AggregationPlan, variables: Sequence[Variable]) -> bool:
+        """Whether this step can update each chunk as it is reduced: an element-wise
+        update, no clipping by norms (they need every gradient first), no non-finite
+        check, and each variable listed once."""
+        return (self._flat_slot_names() is not None and self.clipnorm is None
+                and self.global_clipnorm is None and not self.skip_nonfinite_steps
+                and _distinct(variables, plan))
+
+    def _stream_state(self, plan: AggregationPlan, variables: Sequence[Variable],
+                      updated: list[Variable]) -> _StreamState:
+        """This optimizer's per-plan data: slots made, segments planned (first use)."""
+        state = plan.user_data.get(self._token)
+        if state is None:
+            self._create_hypers()
+            _ = self.iterations
+            self._create_slots(updated)
+            names = self._flat_slot_names() or []
+            arrays = [None if kind != _DENSE else
+                      (var._array, *(self.get_slot(var, n)._array for n in names))
+                      for var, kind in zip(variables, plan.kinds, strict=True)]
+            state = plan.user_data[self._token] = _StreamState(
+                plan_segments(plan.chunks, arrays),
+                [v for v in updated if v.constraint is not None])
+        return state
+
+    def _stream_update(self, plan: AggregationPlan, segments: list[list[Segment]],
+                       grads: Sequence[Any], apply_state: ApplyState,
+                       reduce: Callable[[Chunk, np.ndarray], None] | None, all_dense: bool,
+                       sources: Sequence[np.ndarray | None] | None = None) -> None:
+        """Pack (unless in place), reduce (``reduce``), clip by value and apply each chunk."""
+        clipvalue = self.clipvalue
+
+        def on_chunk(chunk: Chunk, grad: np.ndarray, offset: int, worker: int) -> None:
+            coefficients = apply_state[chunk.bucket.dtype]
+            if clipvalue is not None:
+                limit = grad.dtype.type(clipvalue)
+                np.minimum(grad, limit, out=grad)
+                np.maximum(grad, -limit, out=grad)
+            scratch = self._scratch[worker]
+            end = offset + grad.size
+            for segment in segments[chunk.index]:
+                if offset <= segment.low and segment.high <= end:  # the common case
+                    self._update_flat_(segment.var, segment.slots,
+                                       grad[segment.low - offset:segment.high - offset],
+                                       coefficients, scratch)
+                elif segment.low < end and offset < segment.high:
+                    low, high = max(segment.low, offset), min(segment.high, end)
+                    part = slice(low - segment.low, high - segment.low)
+                    self._update_flat_(segment.var[part], tuple(s[part] for s in segment.slots),
+                                       grad[low - offset:high - offset], coefficients, scratch)
+
+        elements = sum(chunk.size for chunk in plan.chunks)
+        workers = self._num_threads if elements >= PARALLEL_MIN_ELEMENTS else 1
+        if workers > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self._num_threads - 1,
+                                            thread_name_prefix="distsgd-update")
+        with timeline.span("update"):  # chunks' packing and reduction: their own spans
+            stream_chunks(plan.chunks, grads, on_chunk, reduce=reduce,
+                          writable=clipvalue is not None, pool=self._pool, workers=workers,
+                          buffers=self._chunk_buffers, any_none=not all_dense,
+                          sources=sources)
+
+    def _apply_sparse(self, plan: AggregationPlan, grads: Sequence[Any],
+                      gathered: dict[int, IndexedSlices], variables: Sequence[Variable],
+                      apply_state: ApplyState) -> None:
+        for position, kind in enumerate(plan.kinds):
+            if kind == _SPARSE:
+                grad = gathered.get(position, grads[position])
+                if self.clipvalue is not None:
+                    grad = clipping.clip_by_value(grad, self.clipvalue)
+                self._resource_apply_sparse_duplicate_indices(
+                    grad.values, variables[position], grad.indices, apply_state)
 
     def _apply(self, pairs: list[tuple[Gradient, Variable]]) -> Variable:
-        apply_state = self._prepare(pairs)
+        """Apply already aggregated gradients (clipped here), all validated."""
+        apply_state = self._prepare([v for _, v in pairs])
         pairs = self._clip(pairs)
-
         var_list = [v for _, v in pairs]
         self._create_hypers()
         iterations = self.iterations
         self._create_slots(var_list)
-        # each variable once: all dense updates in one batch; a variable listed twice gets
-        # sequential updates, in order
-        batched = len({id(v) for v in var_list}) == len(var_list)
-        if batched:
-            self._apply_dense_batch([(g, v) for g, v in pairs
-                                     if not isinstance(g, IndexedSlices)], apply_state)
+        dense = [(g, v) for g, v in pairs if not isinstance(g, IndexedSlices)]
+        if self._flat_slot_names() is not None and len({id(v) for v in var_list}) == len(pairs):
+            # each variable once: all dense updates as chunks over contiguous memory
+            grads = tuple(g for g, _ in dense)
+            variables = tuple(v for _, v in dense)
+            plan = self._local_aggregator.agree(grads, variables, all_dense=True)
+            state = self._stream_state(plan, variables, list(variables))
+            self._stream_update(plan, state.segments, grads, apply_state, None, True)
+        else:  # a variable listed twice gets sequential updates, in order
+            for grad, var in dense:
+                self._resource_apply_dense(grad, var, apply_state)
         for grad, var in pairs:
             if isinstance(grad, IndexedSlices):
                 self._resource_apply_sparse_duplicate_indices(grad.values, var, grad.indices,
                                                               apply_state)
-                continue
-            if not batched:
-                self._resource_apply_dense(grad, var, apply_state)
-            if var.constraint is not None:
+            elif var.constraint is not None:
                 var.assign(var.constraint(var))
         iterations._array += 1
         return iterations
 
-    def _apply_dense_batch(self, pairs: list[tuple[np.ndarray, Variable]],
-                           apply_state: ApplyState) -> None:
-        """All dense updates of a step (distinct variables); override to fuse them."""
-        for grad, var in pairs:
-            self._resource_apply_dense(grad, var, apply_state)
-
-    def _prepare(self, pairs: Sequence[tuple[Gradient, Variable]]) -> ApplyState:
+    def _prepare(self, var_list: Sequence[Variable]) -> ApplyState:
         apply_state: ApplyState = {}
-        for _, var in pairs:
+        for var in var_list:
             if var.dtype not in apply_state:
                 apply_state[var.dtype] = {}
                 self._prepare_local(var.dtype, apply_state)
@@ -391,6 +526,18 @@ class Optimizer:
     # --- subclass hooks ------------------------------------------------------------------
     def _create_slots(self, var_list: list[Variable]) -> None:
         """Create the slots the update needs (called on every apply; add_slot is idempotent)."""
+
+    def _flat_slot_names(self) -> list[str] | None:
+        """The slots :meth:`_update_flat_` reads and writes, in order; None (the default)
+        means the update is not element-wise, so each tensor goes through
+        :meth:`_resource_apply_dense` after the whole aggregation."""
+        return None
+
+    def _update_flat_(self, var: np.ndarray, slots: tuple[np.ndarray, ...], grad: np.ndarray,
+                      coefficients: dict[str, Any], scratch: kernels.ScratchBuffers) -> None:
+        """Update 1-D ``var`` and ``slots`` in place from ``grad`` (the same length): any
+        run of elements, possibly spanning several variables of one dtype."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _update_flat_")
 
     def _resource_apply_dense(self, grad: np.ndarray, var: Variable,
                               apply_state: ApplyState) -> None:
@@ -484,89 +631,35 @@ def _flatten(items: Any) -> Iterable[Any]:
         yield items
 
 
-def _validate_grads_and_vars(grads_and_vars: Any) -> list[tuple[Gradient | None, Variable]]:
-    """Check every pair and convert gradients to contiguous arrays; raises before any change."""
-    try:
-        items = tuple(grads_and_vars)
-    except TypeError:
-        raise TypeError(f"grads_and_vars={grads_and_vars!r}; expected an iterable of "
-                        "(gradient, variable) pairs") from None
-    pairs = []
-    for i, item in enumerate(items):
-        if not isinstance(item, tuple | list) or len(item) != 2:
-            raise TypeError(f"grads_and_vars[{i}]={item!r}; expected a (gradient, variable) "
-                            "pair")
-        grad, var = item
-        if not isinstance(var, Variable):
-            raise TypeError(f"grads_and_vars[{i}] variable is {var!r}; expected a "
-                            "distsgd.Variable")
-        if var.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"Invalid type {var.dtype} for variable {var.name!r}, expected: "
-                             f"{[d.name for d in _FLOAT_DTYPES]}.")
-        pairs.append((_validate_gradient(grad, var, i), var))
-    return pairs
+@dataclass
+class _StreamState:
+    """An optimizer's data for one aggregation plan: where each chunk lands."""
+
+    segments: list[list[Segment]]
+    constrained: list[Variable]
+    sources: dict[Any, list[np.ndarray | None]] = field(default_factory=dict)
 
 
-def _as_array(value: Any, var: Variable, what: str) -> np.ndarray:
-    if isinstance(value, Variable):
-        value = value._array
-    has_dtype = isinstance(value, np.ndarray | np.generic)
-    try:
-        array = np.asarray(value) if has_dtype else np.asarray(value, dtype=var.dtype)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what}={value!r} is not a numeric array") from None
-    if array.dtype != var.dtype:
-        raise TypeError(f"{what} has dtype {array.dtype}; variable {var.name!r} has dtype "
-                        f"{var.dtype}")
-    return array if array.flags.c_contiguous else array.copy(order="C")
+def _updated_variables(plan: AggregationPlan, variables: Sequence[Variable]) -> list[Variable]:
+    """The variables some rank has a gradient for; warns about the others, as TF does.
+
+    Raises:
+        ValueError: no variable has a gradient.
+    """
+    updated = [v for v, kind in zip(variables, plan.kinds, strict=True) if kind is not None]
+    if len(updated) == len(variables):
+        return updated
+    if not updated:
+        raise ValueError(f"No gradients provided for any variable: {[v.name for v in variables]}.")
+    missing = [v.name for v, kind in zip(variables, plan.kinds, strict=True) if kind is None]
+    warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss.",
+                  stacklevel=3)
+    return updated
 
 
-def _validate_gradient(grad: Any, var: Variable, i: int) -> Gradient | None:
-    if grad is None:
-        return None
-    if type(grad) is np.ndarray and grad.dtype == var.dtype and grad.shape == var.shape \
-            and grad.flags.c_contiguous:
-        return grad  # the common case, checked without building any message
-    what = f"gradient for variable {var.name!r} (grads_and_vars[{i}])"
-    if not isinstance(grad, IndexedSlices):
-        array = _as_array(grad, var, what)
-        if array.shape != var.shape:
-            raise ValueError(f"{what} has shape {array.shape}; expected the variable's shape "
-                             f"{var.shape}")
-        return array
-    if var.constraint is not None:
-        raise RuntimeError(f"Cannot use a constraint function on a sparse variable "
-                           f"({var.name!r}).")
-    values = _as_array(grad.values, var, f"{what}.values")
-    try:
-        indices = np.asarray(grad.indices)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what}.indices={grad.indices!r} is not an integer array") from None
-    if indices.dtype.kind not in "iu" and not (indices.size == 0 and indices.dtype.kind == "f"):
-        raise TypeError(f"{what}.indices has dtype {indices.dtype}; expected integers")
-    if var.ndim < 1:
-        raise ValueError(f"{what}: a sparse gradient needs a variable of rank >= 1; "
-                         f"{var.name!r} has shape {var.shape}")
-    if indices.ndim != 1:
-        raise ValueError(f"{what}.indices has shape {indices.shape}; expected one dimension")
-    if values.shape != (len(indices),) + var.shape[1:]:
-        raise ValueError(f"{what}.values has shape {values.shape}; expected "
-                         f"{(len(indices),) + var.shape[1:]} (one row per index)")
-    indices = indices.astype(np.int64)
-    bad = np.flatnonzero((indices < 0) | (indices >= var.shape[0]))
-    if bad.size:
-        raise ValueError(f"{what}.indices[{bad[0]}] = {indices[bad[0]]} is not in "
-                         f"[0, {var.shape[0]})")
-    return IndexedSlices(values, indices, var.shape)
-
-
-def _filter_grads(pairs: list[tuple[Gradient | None, Variable]]
-                  ) -> list[tuple[Gradient, Variable]]:
-    filtered = [(g, v) for g, v in pairs if g is not None]
-    if pairs and not filtered:
-        raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in pairs]}.")
-    missing = [v.name for g, v in pairs if g is None]
-    if missing:
-        warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss.",
-                      stacklevel=3)
-    return filtered
+def _distinct(variables: Sequence[Variable], plan: AggregationPlan) -> bool:
+    """Each variable appears once (cached with the plan)."""
+    distinct = plan.user_data.get("distinct")
+    if distinct is None:
+        distinct = plan.user_data["distinct"] = len({id(v) for v in variables}) == len(variables)
+    return distinct

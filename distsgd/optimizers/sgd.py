@@ -53,7 +53,6 @@ class SGD(Optimizer):
             check_number("momentum", momentum, low=0.0, high=1.0,
                          what="a number between [0, 1]")
         self._momentum = dynamic or momentum > 0
-        self._flat_views: dict[tuple[int, ...], tuple[list[np.ndarray], Any]] = {}
         self._set_hyper("momentum", momentum)
         self.nesterov = bool(nesterov)
 
@@ -69,44 +68,28 @@ class SGD(Optimizer):
             raise ValueError(f"momentum evaluated to {float(momentum)!r}; "
                              "expected a number in [0, 1]")
         apply_state[var_dtype]["momentum"] = momentum
+        apply_state[var_dtype]["kernels"] = kernels.dense_kernels(var_dtype)
 
-    def _update_dense_(self, var: np.ndarray, accum: np.ndarray | None, grad: np.ndarray,
-                       coefficients: dict[str, Any]) -> None:
-        """The dense update over 1-D arrays: one tensor, or a flat buffer of many."""
-        self._update_dense_many_([var], None if accum is None else [accum], [grad],
-                                 coefficients)
+    def _flat_slot_names(self) -> list[str] | None:
+        if type(self)._resource_apply_dense is not SGD._resource_apply_dense:
+            return None  # a subclass with its own dense update gets it called per tensor
+        return ["momentum"] if self._momentum else []
 
-    def _update_dense_many_(self, variables: list[np.ndarray], accums: list[np.ndarray] | None,
-                            grads: list[np.ndarray], coefficients: dict[str, Any]) -> None:
-        if accums is None:
-            self._updater.gradient_descent_(variables, grads, lr=coefficients["lr_t"])
+    def _update_flat_(self, var: np.ndarray, slots: tuple[np.ndarray, ...], grad: np.ndarray,
+                      coefficients: dict[str, Any], scratch: kernels.ScratchBuffers) -> None:
+        """The update over 1-D arrays: one tensor, or a run of many back to back."""
+        descent, momentum = coefficients["kernels"]
+        if slots:
+            momentum(var, slots[0], grad, coefficients["lr_t"], coefficients["momentum"],
+                     self.nesterov, scratch)
         else:
-            self._updater.keras_momentum_(variables, accums, grads, lr=coefficients["lr_t"],
-                                          momentum=coefficients["momentum"],
-                                          nesterov=self.nesterov)
+            descent(var, grad, coefficients["lr_t"], scratch)
 
     def _resource_apply_dense(self, grad: np.ndarray, var: Variable,
                               apply_state: ApplyState) -> None:
-        self._apply_dense_batch([(grad, var)], apply_state)
-
-    def _apply_dense_batch(self, pairs: list[tuple[np.ndarray, Variable]],
-                           apply_state: ApplyState) -> None:
-        """One threaded kernel call per dtype over every dense (gradient, variable)."""
-        by_dtype: dict[np.dtype, list[tuple[np.ndarray, Variable]]] = {}
-        for grad, var in pairs:
-            by_dtype.setdefault(var.dtype, []).append((grad, var))
-        for dtype, group in by_dtype.items():
-            key = tuple(v._unique_id for _, v in group)
-            flat = self._flat_views.get(key)
-            if flat is None:  # the same variables every step: their flat views, once
-                flat = ([v._array.reshape(-1) for _, v in group],
-                        [self.get_slot(v, "momentum")._array.reshape(-1) for _, v in group]
-                        if self._momentum else None)
-                if len(self._flat_views) >= 8:
-                    self._flat_views.pop(next(iter(self._flat_views)))
-                self._flat_views[key] = flat
-            self._update_dense_many_(flat[0], flat[1], [g.reshape(-1) for g, _ in group],
-                                     apply_state[dtype])
+        slots = (self.get_slot(var, "momentum")._array.reshape(-1),) if self._momentum else ()
+        self._update_flat_(var._array.reshape(-1), slots, grad.reshape(-1),
+                           apply_state[var.dtype], self._scratch[0])
 
     def _resource_apply_sparse(self, grad: np.ndarray, var: Variable, indices: np.ndarray,
                                apply_state: ApplyState) -> None:

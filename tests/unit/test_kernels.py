@@ -7,6 +7,7 @@ import pytest
 
 import distsgd
 from distsgd import kernels
+from distsgd.distribute import get_strategy
 from distsgd.optimizers import SGD
 from tests.helpers import FLOAT_DTYPES
 
@@ -40,31 +41,61 @@ def test_blocked_gradient_descent_equals_the_plain_expression(dtype, monkeypatch
     np.testing.assert_array_equal(var, want)
 
 
+def _segment_count(optimizer):
+    """How many contiguous runs the optimizer's last plans update (one kernel call each)."""
+    plans = get_strategy()._gradient_aggregator()._plans.values()
+    states = [p.user_data[optimizer._token] for p in plans if optimizer._token in p.user_data]
+    return sum(len(s) for s in states[-1].segments)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_flat_buffer_equals_per_tensor(momentum, nesterov):
-    """One kernel call over tensors packed back to back == the optimizer's per-tensor path."""
-    shapes = [(3, 4), (7,), (2, 2, 5), (1,)]
+def test_back_to_back_variables_take_one_call_and_equal_per_tensor_calls(momentum, nesterov):
+    """Variables made one after another form one run (one kernel call); the same update
+    over variables scattered in memory (one call each) gives bitwise the same state."""
+    shapes = [(3, 4), (7,), (2, 2, 5), (1,), (0,), (6,)]
     rng = np.random.default_rng(1)
     starts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
 
-    per_tensor = [distsgd.Variable(s) for s in starts]
-    opt = SGD(0.05, momentum=momentum, nesterov=nesterov)
-    for grads in steps:
-        opt.apply_gradients(zip(grads, per_tensor, strict=True))
+    def run(scattered):
+        spacers = []
+        variables = []
+        for start in starts:
+            variables.append(distsgd.Variable(start))
+            if scattered:
+                spacers.append(distsgd.Variable(np.zeros(1, np.float32)))
+        opt = SGD(0.05, momentum=momentum, nesterov=nesterov)
+        for grads in steps:
+            opt.apply_gradients(zip(grads, variables, strict=True))
+        return variables, opt
 
-    flat_var = np.concatenate([s.reshape(-1) for s in starts])
+    fused, fused_opt = run(scattered=False)
+    apart, apart_opt = run(scattered=True)
+    assert _segment_count(fused_opt) == 1
+    assert _segment_count(apart_opt) == len(shapes) - 1  # the empty tensor has no elements
+    for a, b in zip(fused + fused_opt.weights, apart + apart_opt.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_flat_update_over_a_concatenation_equals_per_tensor():
+    shapes = [(3, 4), (7,), (2, 2, 5)]
+    rng = np.random.default_rng(4)
+    var = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grad = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    flat_var, flat_grad = np.concatenate([v.ravel() for v in var]), \
+        np.concatenate([g.ravel() for g in grad])
     flat_accum = np.zeros_like(flat_var)
-    fused = SGD(0.05, momentum=momentum, nesterov=nesterov)
-    coefficients = {"lr_t": np.float32(np.float32(0.05)),
-                    "momentum": np.float32(np.float32(momentum))}
-    for grads in steps:
-        flat_grad = np.concatenate([g.reshape(-1) for g in grads])
-        fused._update_dense_(flat_var, flat_accum if momentum else None, flat_grad,
-                             coefficients)
-    np.testing.assert_array_equal(
-        flat_var, np.concatenate([v.numpy().reshape(-1) for v in per_tensor]))
+    opt = SGD(0.05, momentum=0.9, nesterov=True)
+    coefficients = {"lr_t": np.float32(0.05), "momentum": np.float32(0.9),
+                    "kernels": kernels.dense_kernels(np.dtype(np.float32))}
+    scratch = kernels.ScratchBuffers()
+    opt._update_flat_(flat_var, (flat_accum,), flat_grad, coefficients, scratch)
+    for v, g in zip(var, grad, strict=True):
+        accum = np.zeros_like(v)
+        opt._update_flat_(v.reshape(-1), (accum.reshape(-1),), g.reshape(-1), coefficients,
+                          scratch)
+    np.testing.assert_array_equal(flat_var, np.concatenate([v.ravel() for v in var]))
 
 
 def test_dense_step_allocates_nothing_proportional_to_the_model():
@@ -103,65 +134,55 @@ def test_scratch_buffers_grow_and_are_reused():
     assert c.size == 20 and scratch.get(np.float64, 3).dtype == np.float64
 
 
+def _train(shapes, dtype, momentum, nesterov, steps=3, seed=5):
+    rng = np.random.default_rng(seed)
+    variables = [distsgd.Variable(rng.standard_normal(n).astype(dtype)) for n in shapes]
+    opt = SGD(0.01, momentum=momentum, nesterov=nesterov)
+    for _ in range(steps):
+        opt.apply_gradients([(rng.standard_normal(n).astype(dtype), v)
+                             for n, v in zip(shapes, variables, strict=True)])
+    return [v.numpy() for v in variables] + [w.numpy() for w in opt.weights]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.9, False), (0.9, True)])
 def test_fused_numba_loops_equal_numpy_kernels(dtype, momentum, nesterov, monkeypatch):
     pytest.importorskip("numba")
-    sizes = [1000, 1, 70_000, 300_000, 33]
-    rng = np.random.default_rng(5)
-
-    def run(env):
-        monkeypatch.setenv("DISTSGD_KERNELS", env)
-        var = [rng_copy.astype(dtype) for rng_copy in starts]
-        accum = [np.zeros_like(v) for v in var]
-        updater = kernels.DenseUpdater(num_threads=3)
-        lr, m = np.dtype(dtype).type(0.01), np.dtype(dtype).type(momentum)
-        for g in steps:
-            if momentum:
-                updater.keras_momentum_(var, accum, [x.astype(dtype) for x in g], lr=lr,
-                                        momentum=m, nesterov=nesterov)
-            else:
-                updater.gradient_descent_(var, [x.astype(dtype) for x in g], lr=lr)
-        return var, accum
-
-    starts = [rng.standard_normal(n) for n in sizes]
-    steps = [[rng.standard_normal(n) for n in sizes] for _ in range(3)]
-    fused = run("numba")
+    sizes = [1000, 1, 70_000, 300_000, 33, 5_000_000]
+    monkeypatch.setenv("DISTSGD_NUM_THREADS", "3")
+    monkeypatch.setenv("DISTSGD_KERNELS", "numba")
+    fused = _train(sizes, dtype, momentum, nesterov)
     assert kernels._numba() is not None
-    reference = run("numpy")
+    monkeypatch.setenv("DISTSGD_KERNELS", "numpy")
+    reference = _train(sizes, dtype, momentum, nesterov)
     assert kernels._numba() is None
-    for got, want in zip(fused[0] + fused[1], reference[0] + reference[1], strict=True):
+    for got, want in zip(fused, reference, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 5])
-def test_threaded_updater_equals_one_call(threads):
-    rng = np.random.default_rng(2)
-    sizes = [300_000, 5, 200_000, 77]
-    var = [rng.standard_normal(n).astype(np.float32) for n in sizes]
-    accum = [np.zeros(n, np.float32) for n in sizes]
-    grad = [rng.standard_normal(n).astype(np.float32) for n in sizes]
-    flat = [np.concatenate(var), np.concatenate(accum), np.concatenate(grad)]
-    lr, m = np.float32(0.1), np.float32(0.9)
-    kernels.DenseUpdater(threads).keras_momentum_(var, accum, grad, lr=lr, momentum=m,
-                                                  nesterov=True)
-    kernels.keras_momentum_(flat[0], flat[1], flat[2], lr=lr, momentum=m, nesterov=True,
-                            scratch=np.empty(2 * kernels.BLOCK_ELEMENTS, np.float32))
-    np.testing.assert_array_equal(np.concatenate(var), flat[0])
-    np.testing.assert_array_equal(np.concatenate(accum), flat[1])
+@pytest.mark.parametrize("threads", [2, 5])
+def test_threaded_steps_equal_one_thread(threads, monkeypatch):
+    sizes = [3_000_000, 5, 2_000_000, 77] + [64] * 300
+    monkeypatch.setenv("DISTSGD_NUM_THREADS", "1")
+    want = _train(sizes, np.float32, 0.9, True)
+    monkeypatch.setenv("DISTSGD_NUM_THREADS", str(threads))
+    got = _train(sizes, np.float32, 0.9, True)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 7])
-def test_partition_covers_every_element_once_in_equal_shares(workers):
-    sizes = [10, 0, 25, 3, 40]
-    shares = kernels._partition(sizes, workers)
-    covered = [np.zeros(n, int) for n in sizes]
-    for share in shares:
-        for i, part in share:
-            covered[i][part] += 1
-    assert all((c == 1).all() for c in covered)
-    totals = [sum(p.stop - p.start for _, p in share) for share in shares]
-    assert max(totals) - min(totals) <= -(-sum(sizes) // workers)
+def test_thread_shares_cover_every_chunk_once_in_order(workers):
+    from distsgd.distribute.fusion import Entry, _shares, plan_buckets, plan_chunks
+
+    f32 = np.dtype(np.float32)
+    entries = [Entry(i, f32, "local", (n,)) for i, n in enumerate([10, 0, 25, 3, 40, 7, 90])]
+    chunks = plan_chunks(plan_buckets(entries, 1 << 20), 40)  # 10 elements a chunk
+    shares = _shares(chunks, workers)
+    assert [c.index for share in shares for c in share] == list(range(len(chunks)))
+    assert 1 <= len(shares) <= workers
+    sizes = [sum(c.size for c in share) for share in shares]
+    assert max(sizes) - min(sizes) <= 2 * max(c.size for c in chunks)
 
 
 def test_default_num_threads_splits_cores_between_local_ranks(monkeypatch):

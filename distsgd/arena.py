@@ -1,0 +1,98 @@
+"""Back-to-back storage: arrays of one dtype carved one after another out of large blocks.
+
+A model's variables are created one after another, and an optimizer creates their
+slots in one loop; allocated here, they lie back to back in memory, so a step over a
+whole model is a few runs of contiguous memory instead of one piece per tensor: one
+kernel call (or one message) can cover many tensors with no copy.
+
+Each array is a view of its block and keeps the block alive; a block is freed when the
+last of its arrays is. Blocks grow geometrically from :data:`FIRST_BLOCK_BYTES` up to
+:data:`MAX_BLOCK_BYTES` (a larger array gets a block of its own). The unused tail of a
+block is address space only: ``np.empty`` leaves pages untouched until written.
+
+:func:`contiguous_runs` finds such runs in any list of arrays, wherever they came from.
+Nothing here imports distsgd.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FIRST_BLOCK_BYTES", "MAX_BLOCK_BYTES", "Arena", "contiguous_runs", "default_arena",
+           "locate"]
+
+#: Size of an arena's first block per dtype (1 MiB).
+FIRST_BLOCK_BYTES = 1 << 20
+#: Blocks double up to this size (64 MiB); an array larger than that gets its own block.
+MAX_BLOCK_BYTES = 64 << 20
+
+
+class Arena:
+    """A thread-safe bump allocator of C-contiguous arrays, one block chain per dtype."""
+
+    def __init__(self, first_block_bytes: int = FIRST_BLOCK_BYTES,
+                 max_block_bytes: int = MAX_BLOCK_BYTES) -> None:
+        self.first_block_bytes = int(first_block_bytes)
+        self.max_block_bytes = int(max_block_bytes)
+        self._lock = threading.Lock()
+        # dtype -> (current block, next free element, size of the next block in bytes)
+        self._open: dict[np.dtype, tuple[np.ndarray, int, int]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` placed right after the previous one
+        of its dtype, unless that block is full."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        with self._lock:
+            block, used, next_bytes = self._open.get(
+                dtype, (np.empty(0, dtype), 0, self.first_block_bytes))
+            if used + size > block.size:
+                elements = max(size, next_bytes // dtype.itemsize)
+                block, used = np.empty(elements, dtype), 0
+                next_bytes = min(2 * next_bytes, self.max_block_bytes)
+            self._open[dtype] = (block, used + size, next_bytes)
+        return block[used:used + size].reshape(shape)
+
+
+#: The arena :class:`distsgd.Variable` allocates floating-point storage from.
+default_arena = Arena()
+
+
+def locate(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(owner, offset)``: a 1-D array and the element offset where ``array``'s data starts.
+
+    For an arena array the owner is its block, so arrays of one block can be compared by
+    offset; any other C-contiguous array is its own owner (``array.reshape(-1)``, offset 0).
+    """
+    base = array.base
+    if (isinstance(base, np.ndarray) and base.ndim == 1 and base.dtype == array.dtype
+            and base.flags.c_contiguous and array.flags.c_contiguous):
+        offset, remainder = divmod(array.ctypes.data - base.ctypes.data, array.itemsize)
+        if remainder == 0 and 0 <= offset <= base.size - array.size:
+            return base, offset
+    return array.reshape(-1), 0
+
+
+def contiguous_runs(arrays: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
+    """Split ``arrays`` into maximal runs that lie back to back in one allocation.
+
+    Returns ``(first, stop, flat)`` per run: ``arrays[first:stop]`` occupy exactly the
+    1-D view ``flat``, in order. Arrays of different dtypes never share a run.
+    """
+    runs: list[tuple[int, int, np.ndarray]] = []
+    first, owner, start, end = 0, None, 0, 0
+    for i, array in enumerate(arrays):
+        this_owner, offset = locate(array)
+        if this_owner is owner and offset == end and i > 0:
+            end += array.size
+            continue
+        if i > 0:
+            runs.append((first, i, owner[start:end]))
+        first, owner, start, end = i, this_owner, offset, offset + array.size
+    if arrays:
+        runs.append((first, len(arrays), owner[start:end]))
+    return runs

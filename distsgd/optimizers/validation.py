@@ -1,0 +1,150 @@
+"""Validation of ``apply_gradients``' (gradient, variable) pairs, before anything changes.
+
+:class:`PairValidator` checks a call in a few C-level passes when it looks like the
+previous one (the same variables in the same order, dense gradient arrays of their
+shapes and dtypes), and falls back to checking pair by pair otherwise, which is also
+where every error message comes from.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from distsgd.gradients import GradientBuffer
+from distsgd.indexed_slices import IndexedSlices
+from distsgd.variables import Variable
+
+__all__ = ["FLOAT_DTYPES", "PairValidator", "validate_gradient"]
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A validated call: gradients and variables by position; ``all_dense``: every
+    gradient is a numpy array of its variable's shape and dtype (no ``None``)."""
+
+    grads: tuple[Any, ...]
+    variables: tuple[Variable, ...]
+    all_dense: bool
+    #: the GradientBuffer whose arrays ``grads`` are, if they are
+    buffer: GradientBuffer | None = None
+
+
+class PairValidator:
+    """Validates calls; remembers the last variable list, never the gradients (holding
+    them would keep a step's gradients alive into the next backward pass)."""
+
+    def __init__(self) -> None:
+        self._variables: tuple[Variable, ...] = ()
+        self._shapes: tuple[tuple[int, ...], ...] = ()
+        self._dtypes: tuple[np.dtype, ...] = ()
+
+    def __call__(self, grads_and_vars: Any) -> Checked:
+        """Check every pair; raises ``TypeError``/``ValueError`` naming the first bad one."""
+        try:
+            items = tuple(grads_and_vars)
+        except TypeError:
+            raise TypeError(f"grads_and_vars={grads_and_vars!r}; expected an iterable of "
+                            "(gradient, variable) pairs") from None
+        try:
+            grads, variables = zip(*items, strict=True) if items else ((), ())
+        except (TypeError, ValueError):
+            return _check_pairs(items)
+        if len(variables) != len(self._variables) or \
+                not all(map(operator.is_, variables, self._variables)):
+            if not all(type(v) is Variable for v in variables) or \
+                    not all(v.dtype in FLOAT_DTYPES for v in variables):
+                return _check_pairs(items)
+            self._variables = variables
+            self._shapes = tuple(map(_shape, variables))
+            self._dtypes = tuple(map(_dtype, variables))
+        buffer = GradientBuffer.holding(grads)
+        if buffer is not None and buffer.variables == variables:
+            return Checked(grads, variables, True, buffer)  # its arrays: checked when made
+        if set(map(type, grads)) <= {np.ndarray} and \
+                tuple(map(_shape, grads)) == self._shapes and \
+                tuple(map(_dtype, grads)) == self._dtypes:
+            return Checked(grads, variables, True)
+        return _check_pairs(items)
+
+
+def _check_pairs(items: tuple[Any, ...]) -> Checked:
+    grads, variables = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise TypeError(f"grads_and_vars[{i}]={item!r}; expected a (gradient, variable) "
+                            "pair")
+        grad, var = item
+        if not isinstance(var, Variable):
+            raise TypeError(f"grads_and_vars[{i}] variable is {var!r}; expected a "
+                            "distsgd.Variable")
+        if var.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"Invalid type {var.dtype} for variable {var.name!r}, expected: "
+                             f"{[d.name for d in FLOAT_DTYPES]}.")
+        grads.append(validate_gradient(grad, var, i))
+        variables.append(var)
+    all_dense = all(type(g) is np.ndarray for g in grads)
+    return Checked(tuple(grads), tuple(variables), all_dense)
+
+
+
+def _as_array(value: Any, var: Variable, what: str) -> np.ndarray:
+    if isinstance(value, Variable):
+        value = value._array
+    has_dtype = isinstance(value, np.ndarray | np.generic)
+    try:
+        array = np.asarray(value) if has_dtype else np.asarray(value, dtype=var.dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}={value!r} is not a numeric array") from None
+    if array.dtype != var.dtype:
+        raise TypeError(f"{what} has dtype {array.dtype}; variable {var.name!r} has dtype "
+                        f"{var.dtype}")
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def validate_gradient(grad: Any, var: Variable, i: int) -> np.ndarray | IndexedSlices | None:
+    """``grad`` as a C-contiguous array of ``var``'s shape and dtype, checked
+    :class:`IndexedSlices` (int64 indices in range), or None."""
+    if grad is None:
+        return None
+    if type(grad) is np.ndarray and grad.dtype == var.dtype and grad.shape == var.shape \
+            and grad.flags.c_contiguous:
+        return grad  # the common case, checked without building any message
+    what = f"gradient for variable {var.name!r} (grads_and_vars[{i}])"
+    if not isinstance(grad, IndexedSlices):
+        array = _as_array(grad, var, what)
+        if array.shape != var.shape:
+            raise ValueError(f"{what} has shape {array.shape}; expected the variable's shape "
+                             f"{var.shape}")
+        return array
+    if var.constraint is not None:
+        raise RuntimeError(f"Cannot use a constraint function on a sparse variable "
+                           f"({var.name!r}).")
+    values = _as_array(grad.values, var, f"{what}.values")
+    try:
+        indices = np.asarray(grad.indices)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}.indices={grad.indices!r} is not an integer array") from None
+    if indices.dtype.kind not in "iu" and not (indices.size == 0 and indices.dtype.kind == "f"):
+        raise TypeError(f"{what}.indices has dtype {indices.dtype}; expected integers")
+    if var.ndim < 1:
+        raise ValueError(f"{what}: a sparse gradient needs a variable of rank >= 1; "
+                         f"{var.name!r} has shape {var.shape}")
+    if indices.ndim != 1:
+        raise ValueError(f"{what}.indices has shape {indices.shape}; expected one dimension")
+    if values.shape != (len(indices),) + var.shape[1:]:
+        raise ValueError(f"{what}.values has shape {values.shape}; expected "
+                         f"{(len(indices),) + var.shape[1:]} (one row per index)")
+    indices = indices.astype(np.int64)
+    bad = np.flatnonzero((indices < 0) | (indices >= var.shape[0]))
+    if bad.size:
+        raise ValueError(f"{what}.indices[{bad[0]}] = {indices[bad[0]]} is not in "
+                         f"[0, {var.shape[0]})")
+    return IndexedSlices(values, indices, var.shape)
