@@ -56,14 +56,17 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
-def timed(candidates: dict, rounds: int = 7, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call, candidates interleaved round by round."""
+def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
+          sync=lambda: None) -> dict[str, float]:
+    """Median seconds per call, candidates interleaved round by round; ``sync()`` runs
+    untimed before each call (a barrier: no rank's lag leaks into the next candidate)."""
     for function in candidates.values():
         for _ in range(warmup):
             function()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, function in candidates.items():
+            sync()
             start = time.perf_counter()
             function()
             samples[name].append(time.perf_counter() - start)
@@ -136,41 +139,62 @@ def bench_update() -> dict:
 
 
 def bench_small() -> dict:
+    """2,000 tensors of 64 floats against one of 128,000, momentum steps.
+
+    "new arrays": every step passes gradient arrays it has not seen (as autograd
+    returns them), so each is checked and packed; "GradientBuffer": the gradients are
+    written into a :class:`distsgd.GradientBuffer` (checked once, read in place).
+    """
     rng = np.random.default_rng(1)
     count, size = 2000, 64
+    keep = []
 
-    def make(shapes):
+    def make(shapes, buffer=False):
         variables = [distsgd.Variable(np.zeros(s, np.float32)) for s in shapes]
-        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         opt = SGD(0.01, momentum=0.9)
-        pairs = list(zip(grads, variables, strict=True))
-        return lambda: opt.apply_gradients(pairs)
+        if buffer:
+            grads = distsgd.GradientBuffer(variables)
+            keep.append(grads)
+            for g in grads:
+                g[...] = rng.standard_normal(g.shape)
+            return lambda: opt.apply_gradients(zip(grads, variables, strict=True))
+        steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(8)]
+        turn = itertools.cycle(steps)
+        return lambda: opt.apply_gradients(zip(next(turn), variables, strict=True))
 
-    times = timed({"2000 x 64": make([(size,)] * count), "1 x 128000": make([(count * size,)])},
-                  rounds=15)
+    many, one = [(size,)] * count, [(count * size,)]
+    times = timed({"2000 x 64, new arrays": make(many), "1 x 128000, new array": make(one),
+                   "2000 x 64, GradientBuffer": make(many, True),
+                   "1 x 128000, GradientBuffer": make(one, True)}, rounds=31)
     return {"ms": {k: v * 1e3 for k, v in times.items()},
-            "overhead_ratio": times["2000 x 64"] / times["1 x 128000"]}
+            "overhead_ratio": times["2000 x 64, new arrays"] / times["1 x 128000, new array"],
+            "overhead_ratio_buffer": times["2000 x 64, GradientBuffer"]
+            / times["1 x 128000, GradientBuffer"]}
 
 
 def bench_aggregate() -> dict | None:
+    """One MPIStrategy (the default configuration) against raw MPI on the very
+    communicator it uses, so both see the same MPI state."""
     from mpi4py import MPI
 
     from distsgd.distribute import MPIStrategy
 
-    comm = MPI.COMM_WORLD
+    strategy = MPIStrategy()
+    comm = strategy.communicator._comm
     rank, size = comm.Get_rank(), comm.Get_size()
     shapes = resnet50_shapes()
     rng = np.random.default_rng(rank)
     grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
     flat = np.concatenate([g.reshape(-1) for g in grads])
     work = flat.copy()
-    strategies = {chunk: MPIStrategy(allreduce_chunk_bytes=chunk)
-                  for chunk in (1 << 20, 4 << 20)}
-    strategy = strategies[1 << 20]  # the default
     with strategy.scope():
         variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
                      for i, s in enumerate(shapes)]
         opt = SGD(0.01, momentum=0.9)
+        buffered = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
+                    for i, s in enumerate(shapes)]
+        buffered_opt = SGD(0.01, momentum=0.9)
+    buffer = distsgd.GradientBuffer(buffered)
     pairs = list(zip(grads, variables, strict=True))
     loop_w = [np.zeros(s, np.float32) for s in shapes]
     loop_v = [np.zeros(s, np.float32) for s in shapes]
@@ -204,33 +228,37 @@ def bench_aggregate() -> dict | None:
                 comm.Allreduce(MPI.IN_PLACE, work[start:start + elements])
         return run
 
-    def aggregate_only(chunk: int):
-        def run() -> None:
-            with strategies[chunk].scope():
-                strategies[chunk]._aggregate_gradients(pairs)
-        return run
+    def aggregate_only() -> None:
+        with strategy.scope():
+            strategy._aggregate_gradients(pairs)
 
     def full_step() -> None:
         with strategy.scope():
             opt.apply_gradients(pairs)
+
+    def buffer_step() -> None:
+        buffer.flat[np.dtype(np.float32)][:] = flat  # the backward pass writes here
+        with strategy.scope():
+            buffered_opt.apply_gradients(zip(buffer, buffered, strict=True))
 
     candidates = {"whole-buffer Allreduce": whole,
                   "whole-buffer Allreduce + numpy loop": whole_plus_loop,
                   "per-tensor Allreduce": per_tensor,
                   **{f"raw chunks of {n >> 10} Ki": chunked(n) for n in (1 << 18, 1 << 20,
                                                                         1 << 22)},
-                  "distsgd aggregate": aggregate_only(1 << 20),
-                  "distsgd aggregate (4 MiB chunks)": aggregate_only(4 << 20),
-                  "distsgd aggregate + update": full_step}
-    comm.Barrier()
-    times = timed(candidates, rounds=15)
+                  "distsgd aggregate": aggregate_only,
+                  "distsgd aggregate + update": full_step,
+                  "distsgd aggregate + update, GradientBuffer": buffer_step}
+    times = timed(candidates, rounds=15, sync=comm.Barrier)
     times = {k: comm.allreduce(v, op=MPI.MAX) for k, v in times.items()}
     if rank != 0:
         return None
     best_chunk = min(v for k, v in times.items() if k.startswith("raw chunks"))
+    baseline = times["whole-buffer Allreduce + numpy loop"]
     return {"ranks": size, "ms": {k: v * 1e3 for k, v in times.items()},
-            "full_step_vs_whole_plus_loop": times["distsgd aggregate + update"]
-            / times["whole-buffer Allreduce + numpy loop"],
+            "full_step_vs_whole_plus_loop": times["distsgd aggregate + update"] / baseline,
+            "buffer_step_vs_whole_plus_loop":
+                times["distsgd aggregate + update, GradientBuffer"] / baseline,
             "aggregate_vs_best_raw_chunks": times["distsgd aggregate"] / best_chunk}
 
 
@@ -355,7 +383,8 @@ def report(results: dict) -> None:
         print("\nmany small tensors (momentum step)")
         for name, ms in s["ms"].items():
             print(f"  {name:<28} {ms:8.2f} ms")
-        print(f"  overhead ratio {s['overhead_ratio']:.1f} x")
+        print(f"  2000 x 64 / 1 x 128000: {s['overhead_ratio']:.1f} x with new arrays, "
+              f"{s['overhead_ratio_buffer']:.1f} x with a GradientBuffer")
     for key in ("aggregate_2", "aggregate_4"):
         if key in results:
             a = results[key]
@@ -363,7 +392,8 @@ def report(results: dict) -> None:
             for name, ms in a["ms"].items():
                 print(f"  {name:<36} {ms:8.1f} ms")
             print(f"  distsgd aggregate+update / (whole Allreduce + numpy loop) = "
-                  f"{a['full_step_vs_whole_plus_loop']:.2f}")
+                  f"{a['full_step_vs_whole_plus_loop']:.2f} "
+                  f"({a['buffer_step_vs_whole_plus_loop']:.2f} with a GradientBuffer)")
             print(f"  distsgd aggregate / best raw chunked Allreduce = "
                   f"{a['aggregate_vs_best_raw_chunks']:.2f}")
     if "scaling" in results:

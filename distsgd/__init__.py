@@ -4,11 +4,12 @@ Importing distsgd never initialises MPI.
 """
 
 from distsgd import distribute, optimizers
-from distsgd.gradients import gradients, value_and_gradients
+from distsgd.gradients import GradientBuffer, gradients, value_and_gradients
 from distsgd.indexed_slices import IndexedSlices
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
 __all__ = [
+    "GradientBuffer",
     "IndexedSlices",
     "Variable",
     "VariableAggregation",

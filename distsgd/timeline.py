@@ -69,15 +69,29 @@ class Timeline:
         (default: ``name``); ``args`` go into the trace event."""
         return _Span(self, name, phase or name, args)
 
+    def credit(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` measured by the caller in ``phase`` (and not in the span
+        around it): for hot loops that time their parts with bare ``perf_counter``."""
+        outer = getattr(self._local, "span", None)
+        if outer is not None:
+            outer._inner += seconds
+        with self._lock:
+            self.totals_seconds[phase] += seconds
+
+    def event(self, name: str, phase: str, start: float, end: float, **args: Any) -> None:
+        """Keep a trace event timed by the caller (while recording; no totals)."""
+        with self._lock:
+            thread = self._threads.setdefault(threading.get_ident(), len(self._threads))
+            self.events.append({"name": name, "cat": phase, "ph": "X", "tid": thread,
+                                "ts": (start - self._origin) * 1e6,
+                                "dur": (end - start) * 1e6, "args": args})
+
     def _add(self, name: str, phase: str, start: float, end: float, inner: float,
              args: dict[str, Any]) -> None:
         with self._lock:
             self.totals_seconds[phase] += end - start - inner
-            if self.recording:
-                thread = self._threads.setdefault(threading.get_ident(), len(self._threads))
-                self.events.append({"name": name, "cat": phase, "ph": "X", "tid": thread,
-                                    "ts": (start - self._origin) * 1e6,
-                                    "dur": (end - start) * 1e6, "args": args})
+        if self.recording:
+            self.event(name, phase, start, end, **args)
 
     def trace_events(self, pid: int) -> list[dict[str, Any]]:
         """The recorded events, attributed to process ``pid`` (the rank)."""

@@ -42,6 +42,7 @@ from distsgd.distribute.fusion import (
     ISOLATED_CHUNK_BYTES,
     Bucket,
     Chunk,
+    ChunkBuffers,
     Entry,
     plan_buckets,
     plan_chunks,
@@ -139,6 +140,10 @@ class AggregationPlan:
     sparse: list[int]
     densify: list[int]
     label: str = ""
+    #: elements of the dense results that cross ranks, per dtype
+    result_elements: dict[np.dtype, int] = field(default_factory=dict)
+    #: every position with a sparse gradient (gathered or rank-local)
+    sparse_positions: list[int] = field(default_factory=list)
     #: per-plan data of the plan's user (the optimizer's update segments)
     user_data: dict[Any, Any] = field(default_factory=dict)
 
@@ -166,6 +171,8 @@ class GradientAggregator:
         # pattern keeps changing) must not accumulate signatures or plans.
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
         self._plans: OrderedDict[tuple[Any, ...], AggregationPlan] = OrderedDict()
+        self._last_signature: tuple[Sequence[Variable], _Signature] | None = None
+        self._results = ChunkBuffers()
 
     @property
     def distributed(self) -> bool:
@@ -215,6 +222,9 @@ class GradientAggregator:
         return plan
 
     def _signature(self, variables: Sequence[Variable]) -> _Signature:
+        last = self._last_signature
+        if last is not None and last[0] is variables:
+            return last[1]  # the very tuple of the last call (the optimizer passes it on)
         key = tuple(v._unique_id for v in variables)
         cached = _lookup(self._signatures, key)
         if cached is None:
@@ -223,6 +233,8 @@ class GradientAggregator:
                       route_of(variables[i])) for i in positions]
             cached = _Signature(key, items, signature_hash(items), positions)
             _store(self._signatures, key, cached, _SIGNATURES_KEPT)
+        if isinstance(variables, tuple):
+            self._last_signature = (variables, cached)
         return cached
 
     def _plan(self, variables: Sequence[Variable], local: bytes,
@@ -249,7 +261,12 @@ class GradientAggregator:
         buckets = plan_buckets(entries, self.fusion_threshold_bytes)
         chunks = plan_chunks(buckets, self.chunk_bytes,
                              None if self.distributed else ISOLATED_CHUNK_BYTES)
-        return AggregationPlan(tuple(kinds), buckets, chunks, sparse, densify)
+        result_elements: dict[np.dtype, int] = {}
+        for bucket in buckets:
+            if bucket.route != LOCAL:
+                result_elements[bucket.dtype] = result_elements.get(bucket.dtype, 0) + bucket.size
+        return AggregationPlan(tuple(kinds), buckets, chunks, sparse, densify, "",
+                               result_elements, [i for i, k in enumerate(kinds) if k == _SPARSE])
 
     def densified(self, plan: AggregationPlan, grads: Sequence[Any],
                   variables: Sequence[Variable]) -> Sequence[Any]:
@@ -267,8 +284,7 @@ class GradientAggregator:
         bucket = chunk.bucket
         if bucket.route == LOCAL:
             return
-        what = (f"{plan.label}: {bucket.route} {bucket.dtype.name} bucket of "
-                f"{bucket.nbytes} bytes, elements {chunk.start}-{chunk.stop}")
+        what = _ChunkLabel(plan.label, chunk)
         if bucket.route == FIRST:
             self.communicator.bcast_(buffer, root=0, what=what)
         else:
@@ -280,8 +296,8 @@ class GradientAggregator:
                   step: int | None = None) -> list[Any]:
         """The aggregated gradient for each variable (``None``: none on any rank).
 
-        Dense results are views of the plan's bucket buffers (overwritten by the next
-        call with the same plan); ``step`` (the optimizer's iterations) labels errors.
+        Dense results are views of one results array per dtype, overwritten by the next
+        call; ``step`` (the optimizer's iterations) labels errors.
         """
         grads = self.local_form(grads, variables)
         return self.reduce_planned(self.agree(grads, variables, step), grads, variables)
@@ -294,13 +310,22 @@ class GradientAggregator:
                     for g, kind in zip(grads, plan.kinds, strict=True)]
         grads = self.densified(plan, grads, variables)
         result: list[Any] = list(grads)
-        stream_chunks([c for c in plan.chunks if c.bucket.route != LOCAL], grads,
-                      _ignore, reduce=functools.partial(self.reduce_chunk_, plan),
-                      out=lambda chunk: chunk.bucket.buffer[chunk.start:chunk.stop])
+        # one results array per dtype, shared by every plan: each bucket gets a region
+        regions, used = {}, dict.fromkeys(plan.result_elements, 0)
+        flats = {dtype: self._results.get(dtype, size)
+                 for dtype, size in plan.result_elements.items()}
         for bucket in plan.buckets:
             if bucket.route != LOCAL:
-                for entry, view in zip(bucket.entries, bucket.views(), strict=True):
-                    result[entry.position] = view
+                start = used[bucket.dtype]
+                regions[bucket.index] = flats[bucket.dtype][start:start + bucket.size]
+                used[bucket.dtype] = start + bucket.size
+        stream_chunks([c for c in plan.chunks if c.bucket.route != LOCAL], grads,
+                      _ignore, reduce=functools.partial(self.reduce_chunk_, plan),
+                      out=lambda chunk: regions[chunk.bucket.index][chunk.start:chunk.stop])
+        for index, region in regions.items():
+            bucket = plan.buckets[index]
+            for entry, view in zip(bucket.entries, bucket.views(region), strict=True):
+                result[entry.position] = view
         for position, slices in self.gather_sparse(plan, grads, variables).items():
             result[position] = slices
         return [None if kind is None else g for g, kind in zip(result, plan.kinds, strict=True)]
@@ -341,12 +366,29 @@ class GradientAggregator:
         return gathered
 
 
+class _ChunkLabel:
+    """Names a chunk's collective in a timeout report (formatted only then)."""
+
+    __slots__ = ("chunk", "label")
+
+    def __init__(self, label: str, chunk: Chunk) -> None:
+        self.label, self.chunk = label, chunk
+
+    def __str__(self) -> str:
+        bucket = self.chunk.bucket
+        names = ", ".join(repr(e.position) for e in bucket.entries[:3])
+        return (f"{self.label}: {bucket.route} {bucket.dtype.name} bucket {bucket.index + 1} "
+                f"({bucket.nbytes} bytes; variables #{names}"
+                f"{', ...' if len(bucket.entries) > 3 else ''}), elements "
+                f"{self.chunk.start}-{self.chunk.stop}")
+
+
 def _ignore(*args: Any) -> None:
-    """``on_chunk`` of a reduction that keeps its results in the bucket buffers."""
+    """``on_chunk`` of a reduction that keeps its results where they were reduced."""
 
 
 _SIGNATURES_KEPT = 64
-_PLANS_KEPT = 4
+_PLANS_KEPT = 64
 
 
 def _lookup(cache: OrderedDict, key: Any) -> Any:

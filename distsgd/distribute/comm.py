@@ -78,7 +78,11 @@ def timeout_from_environment() -> float:
 
 
 class Communicator(Protocol):
-    """What the strategy and aggregation layers need from a communicator."""
+    """What the strategy and aggregation layers need from a communicator.
+
+    ``what`` names the operation in a timeout report: a string, or any object whose
+    ``str()`` does (formatted only if a report is made, so hot paths pay nothing).
+    """
 
     rank: int
     size: int
@@ -166,25 +170,30 @@ class MPICommunicator:
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "bor": MPI.BOR}
+        self._in_place = MPI.IN_PLACE
 
-    def _guarded(self, call: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+    def _guarded(self, call: Any, what: Any, *args: Any, **kwargs: Any) -> Any:
         """Run the blocking MPI ``call`` with the watchdog armed (blocking calls are the
         fastest: MPICH's nonblocking collectives use slower schedules)."""
         self.collectives += 1
-        if self._watchdog is None:
-            self._watchdog = _Watchdog(self)
-        self._watchdog.arm(what or "collective")
+        watchdog = self._watchdog or self._start_watchdog()
+        watchdog.arm(what or "collective")
         try:
             return call(*args, **kwargs)
         finally:
-            self._watchdog.disarm()
+            watchdog.disarm()
 
-    def _diagnose(self, what: str) -> str:
+    def _start_watchdog(self) -> _Watchdog:
+        self._watchdog = _Watchdog(self)
+        return self._watchdog
+
+    def _diagnose(self, what: Any) -> str:
         """Ask every peer, on a separate communicator, where it is; name the silent ones.
 
         Ranks stuck in the same deadline answer within the grace period; a rank that
         died, hangs, or computes outside distsgd does not.
         """
+        what = str(what)
         grace = min(5.0, self.timeout_seconds)
         mine = np.zeros(_REPORT_BYTES, dtype=np.uint8)
         text = f"collective #{self.collectives}: {what}".encode()[:_REPORT_BYTES - 1]
@@ -219,13 +228,23 @@ class MPICommunicator:
         self._lowest_live_rank = min([self.rank] + [r for r in peers if r not in silent])
         return "; ".join(parts)
 
-    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "") -> None:
-        _check_op(op)
+    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: Any = "") -> None:
+        mpi_op = self._ops.get(op)
+        if mpi_op is None:
+            _check_op(op)
         flat = buffer.reshape(-1)
+        if 0 < flat.nbytes <= self.chunk_bytes:  # the hot path: one message
+            self.collectives += 1
+            watchdog = self._watchdog or self._start_watchdog()
+            watchdog.arm(what or "collective")
+            try:
+                self._comm.Allreduce(self._in_place, flat, op=mpi_op)
+            finally:
+                watchdog.disarm()
+            return
         step = max(1, self.chunk_bytes // max(1, flat.itemsize))
-        mpi_op = self._ops[op]
         for start in range(0, flat.size, step):
-            self._guarded(self._comm.Allreduce, what, self._MPI.IN_PLACE,
+            self._guarded(self._comm.Allreduce, what, self._in_place,
                           flat[start:start + step], op=mpi_op)
         if flat.size == 0:
             self._guarded(self._comm.Barrier, what)
@@ -278,7 +297,7 @@ class _Watchdog:
                                         daemon=True)
         self._thread.start()
 
-    def arm(self, what: str) -> None:
+    def arm(self, what: Any) -> None:
         self._armed = (time.monotonic(), what)
 
     def disarm(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,22 +70,15 @@ class Bucket:
     entries: list[Entry]
     offsets: list[int]
     size: int
-    _buffer: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
-    @property
-    def buffer(self) -> np.ndarray:
-        """The whole bucket as one flat array, allocated on first use and kept."""
-        if self._buffer is None:
-            self._buffer = np.zeros(self.size, dtype=self.dtype)
-        return self._buffer
-
-    def views(self) -> list[np.ndarray]:
-        """Each entry's gradient as a view into :attr:`buffer`, in the entry's shape."""
-        return [self.buffer[offset:offset + entry.size].reshape(entry.shape)
+    def views(self, buffer: np.ndarray) -> list[np.ndarray]:
+        """Each entry's gradient as a view into ``buffer`` (the bucket's elements), in the
+        entry's shape."""
+        return [buffer[offset:offset + entry.size].reshape(entry.shape)
                 for entry, offset in zip(self.entries, self.offsets, strict=True)]
 
 
@@ -297,19 +291,26 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
             chunk's elements (no packing; reduced and handed over in place), or None.
     """
     in_place = reduce is None and not writable
+    phase = "update" if reduce is None else "aggregate"
+    recording = timeline.recording
+    spent = [0.0] * max(1, workers)  # seconds packing and reducing, per worker
 
     def packed(chunk: Chunk, worker: int, slot: int) -> np.ndarray:
         source = None if sources is None else sources[chunk.index]
         if source is not None and reduce is None:
             return source
-        with timeline.span(f"bucket {chunk.bucket.index + 1}",
-                           "update" if reduce is None else "aggregate", elements=chunk.size):
-            if source is None:
-                source = out(chunk) if out is not None else \
-                    buffers[worker].get(chunk.bucket.dtype, chunk.size, slot)
-                chunk.pack_(grads, source, any_none)
-            if reduce is not None:
-                reduce(chunk, source)
+        start = time.perf_counter()
+        if source is None:
+            source = out(chunk) if out is not None else \
+                buffers[worker].get(chunk.bucket.dtype, chunk.size, slot)
+            chunk.pack_(grads, source, any_none)
+        if reduce is not None:
+            reduce(chunk, source)
+        end = time.perf_counter()
+        spent[worker] += end - start
+        if recording:
+            timeline.event(f"bucket {chunk.bucket.index + 1}", phase, start, end,
+                           elements=chunk.size)
         return source
 
     def run(chunk: Chunk, worker: int) -> None:
@@ -320,11 +321,21 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
             for view, offset in views:
                 on_chunk(chunk, view, offset, worker)
 
+    try:
+        _walk(chunks, run, on_chunk, packed, reduce is not None, pool, workers)
+    finally:
+        timeline.credit(phase, spent[0])  # other workers' time overlaps the caller's
+
+
+def _walk(chunks: Sequence[Chunk], run: Callable[[Chunk, int], None],
+          on_chunk: Callable[[Chunk, np.ndarray, int, int], None],
+          packed: Callable[[Chunk, int, int], np.ndarray], reduces: bool,
+          pool: ThreadPoolExecutor | None, workers: int) -> None:
     if pool is None or workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             run(chunk, 0)
         return
-    if reduce is None:  # no collectives: every worker takes an equal share of the chunks
+    if not reduces:  # no collectives: every worker takes an equal share of the chunks
         def run_share(worker: int, share: Sequence[Chunk]) -> None:
             for chunk in share:
                 run(chunk, worker)

@@ -25,6 +25,7 @@ import functools
 import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +37,6 @@ from distsgd import clipping, kernels
 from distsgd._validation import check_number
 from distsgd.distribute.aggregation import (
     _DENSE,
-    _SPARSE,
     AggregationPlan,
     GradientAggregator,
 )
@@ -351,13 +351,13 @@ class Optimizer:
         updated = _updated_variables(plan, checked.variables)
         if self._streams(plan, checked.variables):
             # aggregate and update chunk by chunk: each reduced chunk is applied in cache
-            apply_state = self._prepare(updated)
+            apply_state = self._prepare(_dtypes(plan, updated))
             state = self._stream_state(plan, checked.variables, updated)
             grads = aggregator.densified(plan, grads, checked.variables)
             sources = None
             if checked.buffer is not None and not plan.densify:
                 sources = state.sources.get(checked.buffer)
-                if sources is None:
+                if sources is None:  # (the plan forgets the buffer when it is gone)
                     sources = state.sources[checked.buffer] = chunk_sources(
                         plan.chunks, checked.grads)
             self._stream_update(plan, state.segments, grads, apply_state,
@@ -455,17 +455,16 @@ class Optimizer:
     def _apply_sparse(self, plan: AggregationPlan, grads: Sequence[Any],
                       gathered: dict[int, IndexedSlices], variables: Sequence[Variable],
                       apply_state: ApplyState) -> None:
-        for position, kind in enumerate(plan.kinds):
-            if kind == _SPARSE:
-                grad = gathered.get(position, grads[position])
-                if self.clipvalue is not None:
-                    grad = clipping.clip_by_value(grad, self.clipvalue)
-                self._resource_apply_sparse_duplicate_indices(
-                    grad.values, variables[position], grad.indices, apply_state)
+        for position in plan.sparse_positions:
+            grad = gathered.get(position, grads[position])
+            if self.clipvalue is not None:
+                grad = clipping.clip_by_value(grad, self.clipvalue)
+            self._resource_apply_sparse_duplicate_indices(
+                grad.values, variables[position], grad.indices, apply_state)
 
     def _apply(self, pairs: list[tuple[Gradient, Variable]]) -> Variable:
         """Apply already aggregated gradients (clipped here), all validated."""
-        apply_state = self._prepare([v for _, v in pairs])
+        apply_state = self._prepare({v.dtype for _, v in pairs})
         pairs = self._clip(pairs)
         var_list = [v for _, v in pairs]
         self._create_hypers()
@@ -491,12 +490,12 @@ class Optimizer:
         iterations._array += 1
         return iterations
 
-    def _prepare(self, var_list: Sequence[Variable]) -> ApplyState:
+    def _prepare(self, dtypes: Iterable[np.dtype]) -> ApplyState:
+        """This step's coefficients per variable dtype (hyperparameters evaluated here)."""
         apply_state: ApplyState = {}
-        for var in var_list:
-            if var.dtype not in apply_state:
-                apply_state[var.dtype] = {}
-                self._prepare_local(var.dtype, apply_state)
+        for dtype in sorted(dtypes, key=str):
+            apply_state[dtype] = {}
+            self._prepare_local(dtype, apply_state)
         return apply_state
 
     def _prepare_local(self, var_dtype: np.dtype, apply_state: ApplyState) -> None:
@@ -637,7 +636,9 @@ class _StreamState:
 
     segments: list[list[Segment]]
     constrained: list[Variable]
-    sources: dict[Any, list[np.ndarray | None]] = field(default_factory=dict)
+    #: per GradientBuffer passed with the plan, the chunks it holds in place
+    sources: weakref.WeakKeyDictionary[Any, list[np.ndarray | None]] = field(
+        default_factory=weakref.WeakKeyDictionary)
 
 
 def _updated_variables(plan: AggregationPlan, variables: Sequence[Variable]) -> list[Variable]:
@@ -646,7 +647,10 @@ def _updated_variables(plan: AggregationPlan, variables: Sequence[Variable]) -> 
     Raises:
         ValueError: no variable has a gradient.
     """
-    updated = [v for v, kind in zip(variables, plan.kinds, strict=True) if kind is not None]
+    updated = plan.user_data.get("updated")
+    if updated is None:
+        updated = plan.user_data["updated"] = [
+            v for v, kind in zip(variables, plan.kinds, strict=True) if kind is not None]
     if len(updated) == len(variables):
         return updated
     if not updated:
@@ -655,6 +659,14 @@ def _updated_variables(plan: AggregationPlan, variables: Sequence[Variable]) -> 
     warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss.",
                   stacklevel=3)
     return updated
+
+
+def _dtypes(plan: AggregationPlan, updated: Sequence[Variable]) -> set[np.dtype]:
+    """The dtypes of the updated variables (cached with the plan)."""
+    dtypes = plan.user_data.get("dtypes")
+    if dtypes is None:
+        dtypes = plan.user_data["dtypes"] = {v.dtype for v in updated}
+    return dtypes
 
 
 def _distinct(variables: Sequence[Variable], plan: AggregationPlan) -> bool:

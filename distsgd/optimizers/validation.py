@@ -57,8 +57,10 @@ class PairValidator:
             grads, variables = zip(*items, strict=True) if items else ((), ())
         except (TypeError, ValueError):
             return _check_pairs(items)
-        if len(variables) != len(self._variables) or \
-                not all(map(operator.is_, variables, self._variables)):
+        if len(variables) == len(self._variables) and \
+                all(map(operator.is_, variables, self._variables)):
+            variables = self._variables  # the same tuple object: later caches check `is`
+        else:
             if not all(type(v) is Variable for v in variables) or \
                     not all(v.dtype in FLOAT_DTYPES for v in variables):
                 return _check_pairs(items)

@@ -119,12 +119,16 @@ def test_fusion_groups_by_dtype_and_policy(strategy):
 
 
 def test_aggregation_caches_stay_bounded(strategy):
-    from distsgd.distribute.aggregation import GradientAggregator
+    from distsgd.distribute import aggregation
 
-    aggregator = GradientAggregator(strategy.communicator, fusion_threshold_bytes=1 << 20,
-                                    sparse_as_dense=False)
-    for i in range(100):  # a fresh variable list every call, as a lazily built model might
+    aggregator = aggregation.GradientAggregator(strategy.communicator,
+                                                fusion_threshold_bytes=1 << 20,
+                                                sparse_as_dense=False)
+    for i in range(200):  # a fresh variable list every call, as a lazily built model might
         var = distsgd.Variable(np.zeros(i % 7 + 1), name=f"v{i}")
         result = aggregator.aggregate([np.ones(i % 7 + 1)], [var])
         assert result[0].tolist() == [strategy.num_replicas_in_sync] * (i % 7 + 1)
-    assert len(aggregator._signatures) <= 64 and len(aggregator._plans) <= 4
+    assert len(aggregator._signatures) <= aggregation._SIGNATURES_KEPT
+    assert len(aggregator._plans) <= aggregation._PLANS_KEPT
+    # results live in one array per dtype shared by all plans, not one per plan
+    assert len(aggregator._results._buffers) <= 1
