@@ -58,14 +58,22 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 
 def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
           sync=lambda: None) -> dict[str, float]:
-    """Median seconds per call, candidates interleaved round by round; ``sync()`` runs
-    untimed before each call (a barrier: no rank's lag leaks into the next candidate)."""
-    for function in candidates.values():
+    """Median seconds per call, candidates interleaved round by round.
+
+    A candidate is a function, or ``(setup, function)`` with an untimed ``setup()``
+    before each call; ``sync()`` runs untimed before every call (a barrier: no rank's
+    lag leaks into the next candidate's time).
+    """
+    pairs = {name: c if isinstance(c, tuple) else (lambda: None, c)
+             for name, c in candidates.items()}
+    for setup, function in pairs.values():
         for _ in range(warmup):
+            setup()
             function()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
-        for name, function in candidates.items():
+        for name, (setup, function) in pairs.items():
+            setup()
             sync()
             start = time.perf_counter()
             function()
@@ -147,17 +155,14 @@ def bench_small() -> dict:
     """
     rng = np.random.default_rng(1)
     count, size = 2000, 64
-    keep = []
-
     def make(shapes, buffer=False):
         variables = [distsgd.Variable(np.zeros(s, np.float32)) for s in shapes]
         opt = SGD(0.01, momentum=0.9)
         if buffer:
             grads = distsgd.GradientBuffer(variables)
-            keep.append(grads)
-            for g in grads:
+            for g in grads.grads:
                 g[...] = rng.standard_normal(g.shape)
-            return lambda: opt.apply_gradients(zip(grads, variables, strict=True))
+            return lambda: opt.apply_gradients(grads)
         steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(8)]
         turn = itertools.cycle(steps)
         return lambda: opt.apply_gradients(zip(next(turn), variables, strict=True))
@@ -236,10 +241,12 @@ def bench_aggregate() -> dict | None:
         with strategy.scope():
             opt.apply_gradients(pairs)
 
+    def backward_into_buffer() -> None:  # untimed: the backward pass writes the gradients
+        buffer.flat[np.dtype(np.float32)][:] = flat
+
     def buffer_step() -> None:
-        buffer.flat[np.dtype(np.float32)][:] = flat  # the backward pass writes here
         with strategy.scope():
-            buffered_opt.apply_gradients(zip(buffer, buffered, strict=True))
+            buffered_opt.apply_gradients(buffer)
 
     candidates = {"whole-buffer Allreduce": whole,
                   "whole-buffer Allreduce + numpy loop": whole_plus_loop,
@@ -248,7 +255,8 @@ def bench_aggregate() -> dict | None:
                                                                         1 << 22)},
                   "distsgd aggregate": aggregate_only,
                   "distsgd aggregate + update": full_step,
-                  "distsgd aggregate + update, GradientBuffer": buffer_step}
+                  "distsgd aggregate + update, GradientBuffer": (backward_into_buffer,
+                                                                  buffer_step)}
     times = timed(candidates, rounds=15, sync=comm.Barrier)
     times = {k: comm.allreduce(v, op=MPI.MAX) for k, v in times.items()}
     if rank != 0:

@@ -16,20 +16,23 @@ __all__ = ["GradientBuffer", "gradients", "value_and_gradients"]
 
 
 def gradients(loss: Callable[[], Any], variables: Sequence[Variable],
-              grad_loss: Any = None) -> list[np.ndarray | None]:
+              grad_loss: Any = None, out: GradientBuffer | None = None) -> Any:
     """Gradients of ``loss()`` with respect to each variable (tf.GradientTape.gradient).
 
     ``loss`` is a zero-argument callable written with ``autograd.numpy`` functions
     and Variable operators. A non-scalar loss is summed, or weighted by
     ``grad_loss`` (the upstream gradient, of the loss's shape). A variable the loss
-    does not read gets ``None``. Gradients come back in each variable's dtype.
+    does not read gets ``None``. Gradients come back in each variable's dtype, as a
+    list, or written into ``out`` (a :class:`GradientBuffer` of ``variables``), which
+    is returned.
     """
-    return value_and_gradients(loss, variables, grad_loss)[1]
+    return value_and_gradients(loss, variables, grad_loss, out)[1]
 
 
 def value_and_gradients(loss: Callable[[], Any], variables: Sequence[Variable],
-                        grad_loss: Any = None) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """``(loss(), gradients(loss, variables, grad_loss))`` from one forward pass."""
+                        grad_loss: Any = None, out: GradientBuffer | None = None
+                        ) -> tuple[np.ndarray, Any]:
+    """``(loss(), gradients(loss, variables, grad_loss, out))`` from one forward pass."""
     from autograd import make_vjp
 
     if not callable(loss):
@@ -38,8 +41,13 @@ def value_and_gradients(loss: Callable[[], Any], variables: Sequence[Variable],
     for i, var in enumerate(variables):
         if not isinstance(var, Variable):
             raise ValueError(f"variables[{i}]={var!r} is not a distsgd.Variable")
+    if out is not None and (not isinstance(out, GradientBuffer) or
+                            len(out.variables) != len(variables) or
+                            not all(map(operator.is_, out.variables, variables))):
+        raise ValueError(f"out={out!r}; expected a GradientBuffer of these {len(variables)} "
+                         "variables, in this order")
     if not variables:
-        return np.asarray(loss()), []
+        return np.asarray(loss()), out if out is not None else []
     register_with_autograd()
     first: dict[int, int] = {}
     for i, var in enumerate(variables):
@@ -61,38 +69,59 @@ def value_and_gradients(loss: Callable[[], Any], variables: Sequence[Variable],
             raise ValueError(f"grad_loss has shape {seed.shape}; expected the loss's shape "
                              f"{value.shape}")
         grads = vjp(seed)
-    return value, [np.array(grads[i], dtype=var.dtype, order="C")
-                   if id(var) in used and i == first[id(var)] else None
+    present = [id(var) in used and i == first[id(var)] for i, var in enumerate(variables)]
+    if out is not None:
+        for target, grad, here in zip(out.grads, grads, present, strict=True):
+            if here:
+                np.copyto(target, grad, casting="unsafe")
+            else:
+                target.fill(0)
+        out.missing = frozenset(i for i, here in enumerate(present) if not here)
+        return value, out
+    return value, [np.array(grads[i], dtype=var.dtype, order="C") if present[i] else None
                    for i, var in enumerate(variables)]
 
 
 class GradientBuffer:
-    """Gradients of a list of variables, stored back to back: one flat array per dtype.
+    """The gradients of a list of variables, stored back to back: one flat array per dtype.
 
-    Write each gradient in place into ``buffer.grads[i]`` (an array of variable ``i``'s
-    shape and dtype, zeros at first) and pass ``zip(buffer.grads, variables)`` to
-    ``apply_gradients``. The optimizer then recognises the arrays (validated once,
-    here) and reads, and across ranks reduces, whole runs of them where they lie: no
-    packing copy, and no per-array checks. ``apply_gradients`` leaves the gradient it
-    applied in the buffer (summed or averaged over ranks per each variable's policy,
-    and clipped by ``clipvalue``), as DDP leaves the reduced ``.grad``.
+    Write gradients in place into ``buffer.grads[i]`` (an array of variable ``i``'s
+    shape and dtype, zeros at first), then pass the buffer itself to
+    ``apply_gradients``: it is the step's ``(gradient, variable)`` pairs. The optimizer
+    then checks nothing per pair (the arrays were made to match) and reads, and across
+    ranks reduces, whole runs of gradients where they lie, with no packing copy.
+    ``zip(buffer.grads, variables)`` is recognised too, at the cost of one identity
+    check per pair. ``apply_gradients`` leaves the gradient it applied in the buffer
+    (summed or averaged over ranks per each variable's policy, and clipped by
+    ``clipvalue``), as DDP leaves the reduced ``.grad``.
+
+    ``gradients(loss, variables, out=buffer)`` fills it from autograd; the positions
+    the loss does not use are then listed in :attr:`missing` and their gradient is
+    ``None`` in the pairs (as in TF: not updated).
 
     Args:
-        variables: the variables, in the order the gradients will be passed.
+        variables: floating-point variables, in the order of the pairs.
+
+    Raises:
+        TypeError: an element is not a :class:`~distsgd.Variable`.
+        ValueError: a variable is not float16, float32 or float64.
     """
 
     _by_first_array: weakref.WeakValueDictionary[int, GradientBuffer] = \
         weakref.WeakValueDictionary()
 
     def __init__(self, variables: Sequence[Variable]) -> None:
-        self.variables = tuple(variables)
+        self.variables: tuple[Variable, ...] = tuple(variables)
         for i, var in enumerate(self.variables):
             if not isinstance(var, Variable):
                 raise TypeError(f"variables[{i}]={var!r}; expected a distsgd.Variable")
+            if var.dtype.kind != "f":
+                raise ValueError(f"variables[{i}] {var.name!r} has dtype {var.dtype}; "
+                                 "expected float16, float32 or float64")
         sizes: dict[np.dtype, int] = {}
         for var in self.variables:
             sizes[var.dtype] = sizes.get(var.dtype, 0) + var.size
-        #: the flat storage, one array per dtype, gradients in variable order
+        #: the storage: one flat array per dtype, the gradients in variable order
         self.flat = {dtype: np.zeros(size, dtype=dtype) for dtype, size in sizes.items()}
         grads, used = [], dict.fromkeys(sizes, 0)
         for var in self.variables:
@@ -101,6 +130,8 @@ class GradientBuffer:
             used[var.dtype] = start + var.size
         #: one array per variable, views of :attr:`flat`
         self.grads: tuple[np.ndarray, ...] = tuple(grads)
+        #: positions whose gradient is absent (``None`` in the pairs)
+        self.missing: frozenset[int] = frozenset()
         if grads:
             GradientBuffer._by_first_array[id(grads[0])] = self
 
@@ -112,11 +143,19 @@ class GradientBuffer:
     def __len__(self) -> int:
         return len(self.grads)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return iter(self.grads)
+    def __iter__(self) -> Iterator[tuple[np.ndarray | None, Variable]]:
+        """The ``(gradient, variable)`` pairs."""
+        return zip(self.pair_grads(), self.variables, strict=True)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.grads[index]
+    def pair_grads(self) -> tuple[np.ndarray | None, ...]:
+        """:attr:`grads` with ``None`` at the :attr:`missing` positions."""
+        if not self.missing:
+            return self.grads
+        return tuple(None if i in self.missing else g for i, g in enumerate(self.grads))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{flat.size} {dtype.name}" for dtype, flat in self.flat.items())
+        return f"<distsgd.GradientBuffer of {len(self)} gradients ({sizes})>"
 
     @classmethod
     def holding(cls, grads: Sequence[Any]) -> GradientBuffer | None:

@@ -55,6 +55,7 @@ __all__ = ["AggregationPlan", "GradientAggregator", "MismatchError", "route_of"]
 
 LOCAL, SUM, MEAN, FIRST = "local", "sum", "mean", "first"
 _NONE, _DENSE, _SPARSE = 0, 1, 2
+_DENSE_KINDS = np.zeros(0, dtype=np.uint8)  # stands for "all dense" in the flag check
 
 
 class MismatchError(ValueError):
@@ -116,7 +117,7 @@ def _describe(item: tuple[str, tuple[int, ...], str, str]) -> str:
     return f"{name!r} shape {shape} {np.dtype(dtype).name} ({route})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a cheap key for plans
 class _Signature:
     key: tuple[int, ...]
     items: list[Any]
@@ -201,22 +202,29 @@ class GradientAggregator:
         label = f"gradient aggregation at step {step}" if step is not None else \
             f"gradient aggregation (call {self.calls})"
         signature = self._signature(variables)
-        local = bytes(len(variables) * [_DENSE]) if all_dense else bytes(map(_kind, grads))
+        # kinds, one byte per variable; None stands for "all dense" (the common case)
+        local = None if all_dense else bytes(map(_kind, grads))
+        if local is not None and local.count(_DENSE) == len(local):
+            local = None
         shared = local
         if self.distributed:
-            kinds = np.frombuffer(local, dtype=np.uint8)[signature.positions]
+            kinds = _DENSE_KINDS if local is None else \
+                np.frombuffer(local, dtype=np.uint8)[signature.positions]
             if agree_or_raise(self.communicator, signature.items, signature.digest, label,
-                              _describe, flag=int(bool(np.any(kinds != _DENSE)))):
-                kinds = kinds.copy()
+                              _describe, flag=0 if local is None else
+                              int(bool(np.any(kinds != _DENSE)))):
+                kinds = np.full(len(signature.positions), _DENSE, dtype=np.uint8) \
+                    if local is None else kinds.copy()
                 self.communicator.allreduce_(kinds, "bor", what=f"{label}: gradient kinds")
-                merged = bytearray(local)
+                merged = bytearray(local or bytes(len(variables) * [_DENSE]))
                 for position, kind in zip(signature.positions, kinds.tolist(), strict=True):
                     merged[position] = kind
                 shared = bytes(merged)
-        key = (signature.key, local, shared)
+        key = (signature, local, shared)
         plan = _lookup(self._plans, key)
         if plan is None:
-            plan = self._plan(variables, local, shared)
+            dense = bytes(len(variables) * [_DENSE])
+            plan = self._plan(variables, local or dense, shared or dense)
             _store(self._plans, key, plan, _PLANS_KEPT)
         plan.label = label
         return plan

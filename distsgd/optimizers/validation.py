@@ -48,6 +48,11 @@ class PairValidator:
 
     def __call__(self, grads_and_vars: Any) -> Checked:
         """Check every pair; raises ``TypeError``/``ValueError`` naming the first bad one."""
+        if type(grads_and_vars) is GradientBuffer:  # made to match its variables
+            buffer = grads_and_vars
+            if buffer.missing:
+                return Checked(buffer.pair_grads(), buffer.variables, False)
+            return Checked(buffer.grads, buffer.variables, True, buffer)
         try:
             items = tuple(grads_and_vars)
         except TypeError:

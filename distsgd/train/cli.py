@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         model = MLP(layer_sizes, seed=args.seed)
         optimizer = SGD(args.learning_rate, momentum=args.momentum, nesterov=args.nesterov)
     variables = model.variables
+    # autograd writes the gradients straight into one flat buffer per dtype: apply_gradients
+    # checks nothing per tensor and reduces them where they lie, with no packing copy
+    grads = distsgd.GradientBuffer(variables)
     batches = ShardedBatches([data.x_train, data.y_train], args.batch_size, strategy,
                              seed=args.seed)
     steps_per_epoch = batches.steps_per_epoch
@@ -203,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         with strategy.scope():
             for _, (x, y) in batches.epoch(epoch, start_step):
                 with timeline.span("compute"):
-                    value, grads = distsgd.value_and_gradients(
-                        lambda x=x, y=y: model.summed_loss(x, y) / args.batch_size, variables)
-                optimizer.apply_gradients(zip(grads, variables, strict=True))
+                    value, _ = distsgd.value_and_gradients(
+                        lambda x=x, y=y: model.summed_loss(x, y) / args.batch_size, variables,
+                        out=grads)
+                optimizer.apply_gradients(grads)
                 global_step += 1
                 loss_sum += float(value) * args.batch_size
                 examples += len(y)
