@@ -91,9 +91,9 @@ class GradientBuffer:
     then checks nothing per pair (the arrays were made to match) and reads, and across
     ranks reduces, whole runs of gradients where they lie, with no packing copy.
     ``zip(buffer.grads, variables)`` is recognised too, at the cost of one identity
-    check per pair. ``apply_gradients`` leaves the gradient it applied in the buffer
-    (summed or averaged over ranks per each variable's policy, and clipped by
-    ``clipvalue``), as DDP leaves the reduced ``.grad``.
+    check per pair. ``apply_gradients`` may reduce across ranks (and clip by
+    ``clipvalue``) in place, as DDP reduces ``.grad`` in place: afterwards the
+    buffer's contents are unspecified until the next gradients are written.
 
     ``gradients(loss, variables, out=buffer)`` fills it from autograd; the positions
     the loss does not use are then listed in :attr:`missing` and their gradient is

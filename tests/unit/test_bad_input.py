@@ -125,3 +125,40 @@ def test_minimize_rejects_non_variables_and_non_callables():
     with pytest.raises(ValueError, match="grad_loss has shape"):
         SGD().minimize(lambda: var * 2, [var], grad_loss=[1.0, 2.0])
     assert var.numpy().tolist() == [1.0]
+
+
+SAME_LIST_BAD_GRADS = [
+    ("shape", np.float32([1, 2]), ValueError, r"has shape \(2,\); expected the variable's"),
+    ("transposed", None, ValueError, r"has shape \(2, 3\); expected the variable's shape"),
+    ("dtype", np.float64([1]), TypeError, "dtype float64; variable 'var1' has dtype float32"),
+    ("object", "x", TypeError, "not a numeric"),
+    ("0-d", np.float32(1), ValueError, r"has shape \(\)"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "match"), SAME_LIST_BAD_GRADS,
+                         ids=[c[0] for c in SAME_LIST_BAD_GRADS])
+def test_errors_after_steps_with_the_same_variables(case, bad, error, match):
+    """The fast path taken for a variable list seen before still checks every gradient."""
+    opt, var0, var1, emb = _prepared()
+    grads = [GOOD0, GOOD1, np.ones((3, 2), np.float32)]
+    opt.apply_gradients(zip(grads, [var0, var1, emb], strict=True))  # the list is now known
+    if case == "transposed":
+        grads[2] = np.ones((2, 3), np.float32)
+    else:
+        grads[1] = bad
+    before = snapshot(opt, [var0, var1, emb])
+    with pytest.raises(error, match=match):
+        opt.apply_gradients(zip(grads, [var0, var1, emb], strict=True))
+    assert_same_state(before, snapshot(opt, [var0, var1, emb]))
+
+
+def test_gradient_buffer_of_wrong_variables_is_refused():
+    var0, var1 = variables([1.0, 2.0], [3.0])
+    buffer = distsgd.GradientBuffer([var0, var1])
+    with pytest.raises(ValueError, match="GradientBuffer of these 1 variables"):
+        distsgd.gradients(lambda: var0 * 2, [var0], out=buffer)
+    with pytest.raises(ValueError, match="dtype int32; expected float16"):
+        distsgd.GradientBuffer([distsgd.Variable([1])])
+    with pytest.raises(TypeError, match="expected a distsgd.Variable"):
+        distsgd.GradientBuffer([np.ones(2)])

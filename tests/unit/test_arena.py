@@ -1,0 +1,84 @@
+"""The arena: variables made one after another lie back to back; runs are found exactly."""
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+import distsgd
+from distsgd.arena import Arena, contiguous_runs, locate
+
+
+def test_allocations_follow_each_other_in_a_block():
+    arena = Arena(first_block_bytes=400, max_block_bytes=1600)
+    arrays = [arena.empty((10,), np.float32) for _ in range(10)]  # 40 bytes each
+    assert all(a.flags.c_contiguous and a.shape == (10,) for a in arrays)
+    owners = [locate(a) for a in arrays]
+    assert [offset for _, offset in owners[:10]] == list(range(0, 100, 10))
+    assert all(owner is owners[0][0] for owner, _ in owners)
+    nxt = arena.empty((3, 2), np.float32)  # the first block is full: a new, larger one
+    assert locate(nxt)[0] is not owners[0][0] and locate(nxt)[0].size == 200
+
+
+def test_blocks_double_up_to_the_cap_and_large_arrays_get_their_own():
+    arena = Arena(first_block_bytes=64, max_block_bytes=256)  # 8, 16, 32, 32, ... float64
+    owners = []
+    for _ in range(8 + 16 + 32 + 32):
+        owner = locate(arena.empty((1,), np.float64))[0]
+        if not owners or owner is not owners[-1]:
+            owners.append(owner)
+    assert [o.size for o in owners] == [8, 16, 32, 32]
+    big = arena.empty((1000,), np.float64)
+    assert locate(big)[0].size == 1000 and locate(big)[1] == 0
+
+
+def test_dtypes_have_separate_blocks():
+    arena = Arena()
+    a = arena.empty((4,), np.float32)
+    b = arena.empty((4,), np.float64)
+    c = arena.empty((4,), np.float32)
+    assert [(f, s) for f, s, _ in contiguous_runs([a, c])] == [(0, 2)]
+    assert len(contiguous_runs([a, b, c])) == 3
+
+
+def test_threads_never_share_memory():
+    arena = Arena(first_block_bytes=1 << 12)
+    results = [[] for _ in range(4)]
+
+    def allocate(i):
+        for _ in range(200):
+            results[i].append(arena.empty((7,), np.float32))
+
+    threads = [threading.Thread(target=allocate, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = sorted((id(locate(a)[0]), locate(a)[1]) for r in results for a in r)
+    for (o1, s1), (o2, s2) in itertools.pairwise(spans):
+        assert o1 != o2 or s2 >= s1 + 7
+
+
+def test_contiguous_runs_split_at_gaps_order_and_foreign_arrays():
+    arena = Arena()
+    a, b, c = (arena.empty((3,), np.float32) for _ in range(3))
+    foreign = np.zeros(3, np.float32)
+    runs = contiguous_runs([a, b, foreign, c, b])
+    assert [(f, s) for f, s, _ in runs] == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    flat = runs[0][2]
+    flat[:] = np.arange(6)
+    assert a.tolist() == [0, 1, 2] and b.tolist() == [3, 4, 5]
+    assert contiguous_runs([]) == []
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_variables_made_in_a_row_form_one_run_and_stay_independent(dtype):
+    first = distsgd.Variable(np.zeros((2, 3), dtype))
+    second = distsgd.Variable(np.ones(4, dtype))
+    assert len(contiguous_runs([first._array, second._array])) == 1
+    second.assign_add(np.ones(4, dtype))
+    assert first.numpy().tolist() == [[0] * 3] * 2 and second.numpy().tolist() == [2] * 4
+    integer = distsgd.Variable(np.zeros(3, np.int64))
+    scalar = distsgd.Variable(dtype(1))
+    assert integer._array.base is None and scalar._array.base is None
