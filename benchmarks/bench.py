@@ -12,6 +12,8 @@ Parts:
   aggregate  under mpirun: distsgd's aggregate(+update) vs one whole-buffer Allreduce
              (+ the numpy loop), one Allreduce per tensor, and raw chunked Allreduce
   small      2,000 tensors of 64 floats vs one tensor of the same total size
+  memory     peak resident memory of steps over params + slots + gradients, 1 and 2
+             ranks (Linux /proc), against a flat copy + Allreduce + numpy loop
   scaling    the training job's samples/s at 1, 2 and 4 ranks (synthetic, ~1M params)
 """
 
@@ -270,9 +272,79 @@ def bench_aggregate() -> dict | None:
             "aggregate_vs_best_raw_chunks": times["distsgd aggregate"] / best_chunk}
 
 
-def run_under_mpirun(ranks: int, part: str) -> dict:
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak since the last reset) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def bench_memory(form: str) -> dict | None:
+    """Peak resident memory of steps (ResNet-50 shapes, momentum) over the memory the
+    model needs: params + slots + gradients. ``form``: ``arrays`` (separate gradient
+    arrays), ``buffer`` (a GradientBuffer) or ``whole`` (the baseline: one flat copy of
+    the gradients, one Allreduce, a numpy loop). Linux only (/proc)."""
+    from mpi4py import MPI
+
+    from distsgd.distribute import MPIStrategy
+
+    strategy = MPIStrategy()
+    comm = strategy.communicator._comm
+    shapes = resnet50_shapes()
+    total = sum(int(np.prod(s)) for s in shapes)
+    with strategy.scope():  # MPI's buffers and the compiled kernels exist before the baseline
+        warm = distsgd.Variable(np.zeros(1 << 20, np.float32))
+        SGD(0.01, momentum=0.9).apply_gradients([(np.ones(1 << 20, np.float32), warm)])
+        del warm
+    baseline = _rss_kib("VmRSS")
+    rng = np.random.default_rng(comm.Get_rank())
+    with strategy.scope():
+        variables = [distsgd.Variable(np.zeros(s, np.float32)) for s in shapes]
+        opt = SGD(0.01, momentum=0.9)
+    if form == "buffer":
+        buffer = distsgd.GradientBuffer(variables)
+        for g in buffer.grads:
+            g[...] = rng.standard_normal(g.shape)
+        pairs = buffer
+    else:
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        pairs = list(zip(grads, variables, strict=True))
+    if form == "whole":
+        flat = np.empty(total, np.float32)
+        slots = [np.zeros(s, np.float32) for s in shapes]
+        offsets = np.cumsum([0] + [g.size for g in grads])
+        views = [flat[offsets[i]:offsets[i + 1]].reshape(g.shape) for i, g in enumerate(grads)]
+        lr, m = np.float32(0.01), np.float32(0.9)
+
+        def step() -> None:
+            np.concatenate([g.reshape(-1) for g in grads], out=flat)
+            comm.Allreduce(MPI.IN_PLACE, flat)
+            for var, slot, g in zip(variables, slots, views, strict=True):
+                slot *= m
+                slot -= lr * g
+                var._array += slot
+    else:
+        def step() -> None:
+            with strategy.scope():
+                opt.apply_gradients(pairs)
+
+    step()  # slots, plans and buffers are made by the first step
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    for _ in range(3):
+        step()
+    peak = comm.allreduce(_rss_kib("VmHWM") - baseline, op=MPI.MAX)
+    if comm.Get_rank() != 0:
+        return None
+    needed = 3 * total * 4 / 1024  # params + slots + gradients, KiB
+    return {"form": form, "ranks": comm.Get_size(), "needed_mib": needed / 1024,
+            "peak_mib": peak / 1024, "peak_over_needed": peak / needed}
+
+
+def run_under_mpirun(ranks: int, part: str, *extra: str) -> dict:
     result = subprocess.run(["mpirun", "-n", str(ranks), sys.executable, __file__, part,
-                             "--json-stdout"], capture_output=True, text=True, timeout=900,
+                             *extra, "--json-stdout"], capture_output=True, text=True,
+                            timeout=900,
                             env={**os.environ, "DISTSGD_NUM_THREADS": "1"})
     if result.returncode != 0:
         raise SystemExit(f"mpirun -n {ranks} {part} failed:\n{result.stderr[-3000:]}")
@@ -349,15 +421,19 @@ def main() -> int:
     parser.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.json_stdout:  # a child under mpirun
-        result = {"aggregate": bench_aggregate, "update": bench_update}[args.parts[0]]()
+        if args.parts[0] == "memory":
+            result = bench_memory(args.parts[1])
+        else:
+            result = {"aggregate": bench_aggregate, "update": bench_update}[args.parts[0]]()
         if result is not None:
             print(json.dumps(result))
         return 0
     chosen = args.parts or ["all"]
-    unknown = set(chosen) - {"all", "update", "aggregate", "small", "scaling"}
+    unknown = set(chosen) - {"all", "update", "aggregate", "small", "memory", "scaling"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
-    parts = ["update", "small", "aggregate", "scaling"] if "all" in chosen else chosen
+    parts = ["update", "small", "aggregate", "memory", "scaling"] if "all" in chosen \
+        else chosen
     results: dict = {"machine": machine()}
     if "update" in parts:
         results["update"] = bench_update()
@@ -366,6 +442,9 @@ def main() -> int:
     if "aggregate" in parts:
         for ranks in (2, 4):
             results[f"aggregate_{ranks}"] = run_under_mpirun(ranks, "aggregate")
+    if "memory" in parts:
+        results["memory"] = [run_under_mpirun(ranks, "memory", form) for ranks in (1, 2)
+                             for form in ("arrays", "buffer", "whole")]
     if "scaling" in parts:
         results["scaling"] = bench_scaling()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -404,6 +483,15 @@ def report(results: dict) -> None:
                   f"({a['buffer_step_vs_whole_plus_loop']:.2f} with a GradientBuffer)")
             print(f"  distsgd aggregate / best raw chunked Allreduce = "
                   f"{a['aggregate_vs_best_raw_chunks']:.2f}")
+    if "memory" in results:
+        print("\npeak resident memory of a step over params + slots + gradients "
+              "(ResNet-50 shapes)")
+        names = {"arrays": "distsgd, gradient arrays", "buffer": "distsgd, GradientBuffer",
+                 "whole": "flat copy + Allreduce + numpy loop"}
+        for row in results["memory"]:
+            print(f"  {row['ranks']} rank(s), {names[row['form']]:<36} "
+                  f"{row['peak_mib']:7.0f} MiB of {row['needed_mib']:4.0f} MiB   "
+                  f"{row['peak_over_needed']:.2f} x")
     if "scaling" in results:
         sc = results["scaling"]
         print("\ntraining job scaling (synthetic, ~1M parameters)")
