@@ -287,16 +287,21 @@ class GradientAggregator:
             grads[position] = to_dense(grad.values, grad.indices, variables[position].shape)
         return grads
 
-    def reduce_chunk_(self, plan: AggregationPlan, chunk: Chunk, buffer: np.ndarray) -> None:
-        """Combine one packed chunk across ranks in place, per its bucket's route."""
+    def reduce_chunk_(self, plan: AggregationPlan, chunk: Chunk, buffer: np.ndarray,
+                      send: np.ndarray | None = None) -> None:
+        """Combine one chunk across ranks into ``buffer``, per its bucket's route: the
+        packed ``buffer`` in place, or ``send`` (the chunk's elements where they lie)."""
         bucket = chunk.bucket
-        if bucket.route == LOCAL:
-            return
+        if bucket.route == LOCAL or bucket.route == FIRST:
+            if send is not None:
+                np.copyto(buffer, send)
+            if bucket.route == LOCAL:
+                return
         what = _ChunkLabel(plan.label, chunk)
         if bucket.route == FIRST:
             self.communicator.bcast_(buffer, root=0, what=what)
         else:
-            self.communicator.allreduce_(buffer, "sum", what=what)
+            self.communicator.allreduce_(buffer, "sum", what=what, send=send)
             if bucket.route == MEAN:
                 np.divide(buffer, self.communicator.size, out=buffer)
 

@@ -87,8 +87,10 @@ class Communicator(Protocol):
     rank: int
     size: int
 
-    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "") -> None:
-        """Reduce ``buffer`` (1-D, contiguous) in place over all ranks: sum, max, min, bor."""
+    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "",
+                   send: np.ndarray | None = None) -> None:
+        """Reduce ``buffer`` (1-D, contiguous) in place over all ranks: sum, max, min, bor;
+        with ``send``, reduce ``send`` (the same size) into ``buffer`` instead."""
 
     def bcast_(self, buffer: np.ndarray, root: int = 0, what: str = "") -> None:
         """Overwrite ``buffer`` with ``root``'s contents."""
@@ -112,8 +114,11 @@ class SerialCommunicator:
     rank = 0
     size = 1
 
-    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "") -> None:
+    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "",
+                   send: np.ndarray | None = None) -> None:
         _check_op(op)
+        if send is not None:
+            np.copyto(buffer, send)
 
     def bcast_(self, buffer: np.ndarray, root: int = 0, what: str = "") -> None:
         _check_root(root, 1)
@@ -228,7 +233,8 @@ class MPICommunicator:
         self._lowest_live_rank = min([self.rank] + [r for r in peers if r not in silent])
         return "; ".join(parts)
 
-    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: Any = "") -> None:
+    def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: Any = "",
+                   send: np.ndarray | None = None) -> None:
         mpi_op = self._ops.get(op)
         if mpi_op is None:
             _check_op(op)
@@ -238,10 +244,13 @@ class MPICommunicator:
             watchdog = self._watchdog or self._start_watchdog()
             watchdog.arm(what or "collective")
             try:
-                self._comm.Allreduce(self._in_place, flat, op=mpi_op)
+                self._comm.Allreduce(self._in_place if send is None else send.reshape(-1),
+                                     flat, op=mpi_op)
             finally:
                 watchdog.disarm()
             return
+        if send is not None:
+            np.copyto(flat, send.reshape(-1))
         step = max(1, self.chunk_bytes // max(1, flat.itemsize))
         for start in range(0, flat.size, step):
             self._guarded(self._comm.Allreduce, what, self._in_place,

@@ -265,7 +265,7 @@ class ChunkBuffers:
 
 def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
                   on_chunk: Callable[[Chunk, np.ndarray, int, int], None], *,
-                  reduce: Callable[[Chunk, np.ndarray], None] | None = None,
+                  reduce: Callable[..., None] | None = None,
                   writable: bool = False, out: Callable[[Chunk], np.ndarray] | None = None,
                   pool: ThreadPoolExecutor | None = None, workers: int = 1,
                   buffers: Sequence[ChunkBuffers] = (), any_none: bool = True,
@@ -278,7 +278,9 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
         on_chunk: ``on_chunk(chunk, gradient, offset, worker)`` consumes elements
             ``[offset, offset + gradient.size)`` of a chunk (a flat array).
         reduce: ``reduce(chunk, buffer)`` combines the packed buffer across ranks in
-            place; called on the calling thread, in chunk order.
+            place, ``reduce(chunk, buffer, send)`` combines ``send`` (a chunk that is one
+            piece of one gradient, read where it lies) into ``buffer``; called on the
+            calling thread, in chunk order.
         writable: ``on_chunk`` writes to the gradient, so it must never be the caller's
             array (reduction implies it).
         out: where chunk ``c`` is packed (default: reusable chunk buffers).
@@ -288,7 +290,8 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
         buffers: one :class:`ChunkBuffers` per worker (index 0 is the caller).
         any_none: whether ``grads`` may hold ``None`` (False skips looking).
         sources: per chunk index, a view of the caller's memory already holding the
-            chunk's elements (no packing; reduced and handed over in place), or None.
+            chunk's elements (no packing: read in place, or sent to the reduction), or
+            None.
     """
     in_place = reduce is None and not writable
     phase = "update" if reduce is None else "aggregate"
@@ -300,18 +303,27 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
         if source is not None and reduce is None:
             return source
         start = time.perf_counter()
-        if source is None:
-            source = out(chunk) if out is not None else \
-                buffers[worker].get(chunk.bucket.dtype, chunk.size, slot)
-            chunk.pack_(grads, source, any_none)
-        if reduce is not None:
-            reduce(chunk, source)
+        target = out(chunk) if out is not None else \
+            buffers[worker].get(chunk.bucket.dtype, chunk.size, slot)
+        if reduce is None:
+            chunk.pack_(grads, target, any_none)
+        else:
+            # the chunk's elements where they lie (a GradientBuffer's run, or one piece of
+            # one gradient) go straight into the reduction: no packing copy
+            if source is None and len(chunk.pieces) == 1:
+                views = chunk.views(grads)
+                source = None if views is None else views[0][0]
+            if source is None:
+                chunk.pack_(grads, target, any_none)
+                reduce(chunk, target)
+            else:
+                reduce(chunk, target, source)
         end = time.perf_counter()
         spent[worker] += end - start
         if recording:
             timeline.event(f"bucket {chunk.bucket.index + 1}", phase, start, end,
                            elements=chunk.size)
-        return source
+        return target
 
     def run(chunk: Chunk, worker: int) -> None:
         views = chunk.views(grads) if in_place and sources is None else None

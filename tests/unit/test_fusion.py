@@ -108,7 +108,10 @@ def test_walk_reads_few_large_pieces_in_place_and_packs_many_small_ones():
 def test_walk_never_lets_a_writer_or_a_reduction_touch_the_callers_arrays():
     grads = _grads([(64,)])
     chunks = plan_chunks(plan_buckets([Entry(0, F32, "sum", (64,))], 1 << 20), 1 << 20)
-    for kwargs in ({"writable": True}, {"reduce": lambda chunk, buffer: buffer.__imul__(2)}):
+    def double(chunk, buffer, send=None):  # a stand-in collective
+        np.multiply(buffer if send is None else send, 2, out=buffer)
+
+    for kwargs in ({"writable": True}, {"reduce": double}):
         seen = _collect(chunks, grads, **kwargs)
         (grad,) = seen.values()
         assert not np.shares_memory(grad.original, grads[0])
@@ -126,7 +129,8 @@ def test_threaded_walks_hand_out_every_chunk_once(reduce):
     reduced = []
     with ThreadPoolExecutor(2) as pool:
         seen = _collect(chunks, grads, pool=pool, workers=3,
-                        reduce=(lambda c, b: reduced.append(c.index)) if reduce else None)
+                        reduce=(lambda c, b, send=None: reduced.append(c.index) or
+                                (send is not None and np.copyto(b, send))) if reduce else None)
     whole = np.concatenate(grads)
     got = np.empty_like(whole)
     for (index, offset), grad in seen.items():
@@ -135,3 +139,19 @@ def test_threaded_walks_hand_out_every_chunk_once(reduce):
     np.testing.assert_array_equal(got, whole)
     if reduce:
         assert reduced == list(range(len(chunks)))  # reductions stay in order
+
+
+def test_one_piece_chunks_go_to_the_reduction_where_they_lie():
+    grads = _grads([(64,), (3,), (3,)])
+    entries = [Entry(i, F32, "sum", g.shape) for i, g in enumerate(grads)]
+    chunks = plan_chunks(plan_buckets(entries, 1 << 20), 64 * 4)  # [64], [3, 3]
+    sent = []
+
+    def reduce(chunk, buffer, send=None):
+        sent.append(send)
+        if send is not None:
+            np.copyto(buffer, send)
+
+    seen = _collect(chunks, grads, reduce=reduce)
+    assert np.shares_memory(sent[0], grads[0]) and sent[1] is None  # the second was packed
+    np.testing.assert_array_equal(seen[(1, 0)], np.concatenate(grads[1:]))
