@@ -18,10 +18,11 @@ Every call, in the same order on every rank:
    bit 1 "sparse here", so a variable whose gradient is ``None`` on some ranks is
    sent as zeros (or an empty slice) there instead of being skipped, which would
    hang the others; mixed dense/sparse becomes dense, as in TF;
-3. dense gradients, per-(dtype, route) buckets cut into chunks, each packed into a
-   small buffer and reduced in place (``Allreduce`` for sum/mean, ``Bcast`` from rank
-   0 for first), then either kept in the bucket's buffer (:meth:`aggregate`) or
-   handed straight to the optimizer's update while in cache (streaming);
+3. dense gradients, per-(dtype, route) buckets cut into chunks, each reduced into a
+   buffer (``Allreduce`` for sum/mean, sent from where it lies when it is one piece,
+   packed first otherwise; ``Bcast`` from rank 0 for first), then either kept
+   (:meth:`aggregate`) or handed straight to the optimizer's update while in cache
+   (streaming);
 4. sparse gradients gathered with ``Allgatherv``: values and indices concatenated in
    rank order, values divided by the world size for MEAN, rank 0's slices for first.
 """

@@ -6,10 +6,13 @@ to ``fusion_threshold_bytes``; a bucket is cut into chunks of at most
 which the signature check proves identical on every rank, so every rank issues the
 same collectives on the same chunks.
 
-:func:`stream_chunks` walks the chunks in order: it packs each chunk's gradients
-into a small reusable buffer (a chunk that is one piece of one gradient is read in
-place when nothing will write to it), reduces it (the caller's collective), and hands
-it to ``on_chunk`` (the optimizer's update) while it is still in cache. With worker
+:func:`stream_chunks` walks the chunks in order. With a reduction (the caller's
+collective), the result of each chunk lands in a small reusable buffer: a chunk whose
+elements lie together in the caller's memory (one piece of one gradient, or a run of a
+GradientBuffer) is sent from there, any other is packed first. The reduced chunk goes
+to ``on_chunk`` (the optimizer's update) while it is still in cache. Without one,
+chunks of few pieces are read where they lie and chunks of many small ones are packed,
+so that one update call covers them. With worker
 threads, chunk ``k`` is updated while chunk ``k + 1`` is packed and reduced; with no
 reduction the chunks are split across the threads. Memory: a few chunk buffers, never
 a copy of all gradients.
