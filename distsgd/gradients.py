@@ -91,9 +91,9 @@ class GradientBuffer:
     then checks nothing per pair (the arrays were made to match) and reads, and across
     ranks reduces, whole runs of gradients where they lie, with no packing copy.
     ``zip(buffer.grads, variables)`` is recognised too, at the cost of one identity
-    check per pair. ``apply_gradients`` may use the buffer as work space (it clips by
-    ``clipvalue`` in place, for one): afterwards its contents are unspecified until
-    the next gradients are written.
+    check per pair. ``apply_gradients`` reduces across ranks (and clips by
+    ``clipvalue``) in the buffer, as DDP reduces ``.grad`` in place: afterwards its
+    contents are unspecified until the next gradients are written.
 
     ``gradients(loss, variables, out=buffer)`` fills it from autograd; the positions
     the loss does not use are then listed in :attr:`missing` and their gradient is

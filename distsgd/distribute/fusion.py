@@ -7,10 +7,11 @@ which the signature check proves identical on every rank, so every rank issues t
 same collectives on the same chunks.
 
 :func:`stream_chunks` walks the chunks in order. With a reduction (the caller's
-collective), the result of each chunk lands in a small reusable buffer: a chunk whose
-elements lie together in the caller's memory (one piece of one gradient, or a run of a
-GradientBuffer) is sent from there, any other is packed first. The reduced chunk goes
-to ``on_chunk`` (the optimizer's update) while it is still in cache. Without one,
+collective), a chunk that is one piece of one gradient is sent from where it lies and
+its result lands in a small reused buffer; any other chunk is packed into that buffer
+first and reduced there; a run of a GradientBuffer (``sources``) is reduced in place.
+The reduced chunk goes to ``on_chunk`` (the optimizer's update) while it is still in
+cache (these choices were measured side by side in ``benchmarks/``). Without one,
 chunks of few pieces are read where they lie and chunks of many small ones are packed,
 so that one update call covers them. With worker
 threads, chunk ``k`` is updated while chunk ``k + 1`` is packed and reduced; with no
@@ -293,8 +294,7 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
         buffers: one :class:`ChunkBuffers` per worker (index 0 is the caller).
         any_none: whether ``grads`` may hold ``None`` (False skips looking).
         sources: per chunk index, a view of the caller's memory already holding the
-            chunk's elements (no packing: read in place, or sent to the reduction), or
-            None.
+            chunk's elements (no packing: read and reduced in place), or None.
     """
     in_place = reduce is None and not writable
     phase = "update" if reduce is None else "aggregate"
@@ -306,21 +306,22 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
         if source is not None and reduce is None:
             return source
         start = time.perf_counter()
-        target = out(chunk) if out is not None else \
-            buffers[worker].get(chunk.bucket.dtype, chunk.size, slot)
-        if reduce is None:
-            chunk.pack_(grads, target, any_none)
+        if source is not None:  # the caller's memory may be reduced in place (measured best)
+            reduce(chunk, source)
+            target = source
         else:
-            # the chunk's elements where they lie (a GradientBuffer's run, or one piece of
-            # one gradient) go straight into the reduction: no packing copy
-            if source is None and len(chunk.pieces) == 1:
-                views = chunk.views(grads)
-                source = None if views is None else views[0][0]
-            if source is None:
+            target = out(chunk) if out is not None else \
+                buffers[worker].get(chunk.bucket.dtype, chunk.size, slot)
+            # one piece of one gradient goes straight into the reduction, which writes the
+            # result into the reused chunk buffer: no packing copy
+            send = chunk.views(grads) if reduce is not None and len(chunk.pieces) == 1 \
+                else None
+            if send is None:
                 chunk.pack_(grads, target, any_none)
-                reduce(chunk, target)
+                if reduce is not None:
+                    reduce(chunk, target)
             else:
-                reduce(chunk, target, source)
+                reduce(chunk, target, send[0][0])
         end = time.perf_counter()
         spent[worker] += end - start
         if recording:
