@@ -43,17 +43,18 @@ BLOCK_ELEMENTS = 1 << 17
 
 
 class ScratchBuffers:
-    """Reusable per-dtype work arrays, grown on demand and kept across steps."""
+    """Reusable work arrays per (dtype, slot), grown on demand and kept across steps."""
 
     def __init__(self) -> None:
-        self._buffers: dict[np.dtype, np.ndarray] = {}
+        self._buffers: dict[tuple[np.dtype, int], np.ndarray] = {}
 
-    def get(self, dtype: np.dtype, elements: int) -> np.ndarray:
-        """A 1-D array of at least ``elements`` items of ``dtype`` (contents undefined)."""
-        buffer = self._buffers.get(np.dtype(dtype))
+    def get(self, dtype: np.dtype, elements: int, slot: int = 0) -> np.ndarray:
+        """A 1-D array of ``elements`` items of ``dtype`` (contents undefined); distinct
+        ``slot`` numbers give arrays that never overlap."""
+        key = (np.dtype(dtype), slot)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.size < elements:
-            buffer = np.empty(elements, dtype=dtype)
-            self._buffers[np.dtype(dtype)] = buffer
+            buffer = self._buffers[key] = np.empty(elements, dtype=dtype)
         return buffer[:elements]
 
 

@@ -43,13 +43,13 @@ from distsgd.distribute.fusion import (
     ISOLATED_CHUNK_BYTES,
     Bucket,
     Chunk,
-    ChunkBuffers,
     Entry,
     plan_buckets,
     plan_chunks,
     stream_chunks,
 )
 from distsgd.indexed_slices import IndexedSlices, to_dense
+from distsgd.kernels import ScratchBuffers
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
 __all__ = ["AggregationPlan", "GradientAggregator", "MismatchError", "route_of"]
@@ -174,7 +174,7 @@ class GradientAggregator:
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
         self._plans: OrderedDict[tuple[Any, ...], AggregationPlan] = OrderedDict()
         self._last_signature: tuple[Sequence[Variable], _Signature] | None = None
-        self._results = ChunkBuffers()
+        self._results = ScratchBuffers()
 
     @property
     def distributed(self) -> bool:

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from distsgd.kernels import ScratchBuffers
 from distsgd.timeline import timeline
 
 __all__ = ["DEFAULT_FUSION_THRESHOLD_BYTES", "ISOLATED_CHUNK_BYTES", "Bucket", "Chunk",
-           "ChunkBuffers", "Entry", "plan_buckets", "plan_chunks", "stream_chunks"]
+           "Entry", "plan_buckets", "plan_chunks", "stream_chunks"]
 
 #: Dense gradients are fused into buckets of up to this many bytes (64 MiB); 0 disables
 #: fusion (one bucket per tensor). A tensor larger than the threshold gets its own bucket.
@@ -252,27 +253,12 @@ def _pieces(bucket: Bucket, start: int, stop: int) -> tuple[Piece, ...]:
         if low < high)
 
 
-class ChunkBuffers:
-    """Reusable chunk-sized buffers per (dtype, slot): allocated once, kept across steps."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[np.dtype, int], np.ndarray] = {}
-
-    def get(self, dtype: np.dtype, elements: int, slot: int = 0) -> np.ndarray:
-        """A 1-D array of ``elements`` items of ``dtype`` (contents undefined)."""
-        key = (np.dtype(dtype), slot)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.size < elements:
-            buffer = self._buffers[key] = np.empty(elements, dtype=dtype)
-        return buffer[:elements]
-
-
 def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
                   on_chunk: Callable[[Chunk, np.ndarray, int, int], None], *,
                   reduce: Callable[..., None] | None = None,
                   writable: bool = False, out: Callable[[Chunk], np.ndarray] | None = None,
                   pool: ThreadPoolExecutor | None = None, workers: int = 1,
-                  buffers: Sequence[ChunkBuffers] = (), any_none: bool = True,
+                  buffers: Sequence[ScratchBuffers] = (), any_none: bool = True,
                   sources: Sequence[np.ndarray | None] | None = None) -> None:
     """Pack, reduce and hand over every chunk, in order.
 
@@ -291,7 +277,8 @@ def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],
         pool, workers: threads besides the caller; with ``reduce`` one of them updates
             while the caller reduces the next chunk, without it the chunks are split
             between all of them.
-        buffers: one :class:`ChunkBuffers` per worker (index 0 is the caller).
+        buffers: one :class:`~distsgd.kernels.ScratchBuffers` per worker (index 0 is
+            the caller) for the chunk buffers.
         any_none: whether ``grads`` may hold ``None`` (False skips looking).
         sources: per chunk index, a view of the caller's memory already holding the
             chunk's elements (no packing: read and reduced in place), or None.

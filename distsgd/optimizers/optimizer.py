@@ -44,7 +44,6 @@ from distsgd.distribute.comm import SerialCommunicator
 from distsgd.distribute.fusion import (
     DEFAULT_FUSION_THRESHOLD_BYTES,
     Chunk,
-    ChunkBuffers,
     stream_chunks,
 )
 from distsgd.distribute.strategy import get_strategy
@@ -52,7 +51,7 @@ from distsgd.gradients import gradients
 from distsgd.indexed_slices import IndexedSlices, deduplicate
 from distsgd.optimizers import schedules as schedules_lib
 from distsgd.optimizers.segments import Segment, chunk_sources, plan_segments
-from distsgd.optimizers.validation import Checked, PairValidator
+from distsgd.optimizers.validation import PairValidator
 from distsgd.timeline import timeline
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
@@ -135,7 +134,7 @@ class Optimizer:
         self._num_threads = kernels.default_num_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._scratch = [kernels.ScratchBuffers() for _ in range(self._num_threads)]
-        self._chunk_buffers = [ChunkBuffers() for _ in range(self._num_threads)]
+        self._chunk_buffers = [kernels.ScratchBuffers() for _ in range(self._num_threads)]
         self._initial_decay = kwargs.get("decay") or 0.0
         #: distsgd extension (not in the config): skip a step whose aggregated gradients
         #: hold NaN or inf, on every replica alike, and count it. Off by default: NaN
@@ -340,7 +339,7 @@ class Optimizer:
                 gradient for any variable.
         """
         del name
-        checked = self._validate(grads_and_vars)
+        checked = self._validator(grads_and_vars)
         strategy = get_strategy()
         aggregator = strategy._gradient_aggregator() if experimental_aggregate_gradients \
             else self._local_aggregator
@@ -386,9 +385,6 @@ class Optimizer:
                 self._apply(pairs)
         strategy._after_apply(self, updated)
         return self.iterations
-
-    def _validate(self, grads_and_vars: Any) -> Checked:
-        return self._validator(grads_and_vars)
 
     def _streams(self, plan: AggregationPlan, variables: Sequence[Variable]) -> bool:
         """Whether this step can update each chunk as it is reduced: an element-wise

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from distsgd.distribute.fusion import (
-    ChunkBuffers,
     Entry,
     plan_buckets,
     plan_chunks,
     stream_chunks,
 )
+from distsgd.kernels import ScratchBuffers
 
 F32 = np.dtype(np.float32)
 SHAPES = [(3, 4), (0,), (7,), (2, 2, 5), (1,), (50,), (6,)]
@@ -83,7 +83,7 @@ def _collect(chunks, grads, **kwargs):
     def on_chunk(chunk, grad, offset, worker):
         seen[(chunk.index, offset)] = Seen(grad.copy(), grad)  # buffers are reused
 
-    stream_chunks(chunks, grads, on_chunk, buffers=[ChunkBuffers() for _ in range(3)],
+    stream_chunks(chunks, grads, on_chunk, buffers=[ScratchBuffers() for _ in range(3)],
                   **kwargs)
     return seen
 

@@ -132,6 +132,7 @@ def test_scratch_buffers_grow_and_are_reused():
     assert np.shares_memory(a, b)
     c = scratch.get(np.float32, 20)
     assert c.size == 20 and scratch.get(np.float64, 3).dtype == np.float64
+    assert not np.shares_memory(scratch.get(np.float32, 20, slot=1), c)
 
 
 def _train(shapes, dtype, momentum, nesterov, steps=3, seed=5):
