@@ -10,20 +10,18 @@ last of its arrays is. Blocks grow geometrically from :data:`FIRST_BLOCK_BYTES` 
 :data:`MAX_BLOCK_BYTES` (a larger array gets a block of its own). The unused tail of a
 block is address space only: ``np.empty`` leaves pages untouched until written.
 
-:func:`contiguous_runs` finds such runs in any list of arrays, wherever they came from.
+:func:`locate` tells where an array lies, so that callers can find such runs.
 Nothing here imports distsgd.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FIRST_BLOCK_BYTES", "MAX_BLOCK_BYTES", "Arena", "contiguous_runs", "default_arena",
-           "locate"]
+__all__ = ["FIRST_BLOCK_BYTES", "MAX_BLOCK_BYTES", "Arena", "default_arena", "locate"]
 
 #: Size of an arena's first block per dtype (1 MiB).
 FIRST_BLOCK_BYTES = 1 << 20
@@ -75,24 +73,3 @@ def locate(array: np.ndarray) -> tuple[np.ndarray, int]:
         if remainder == 0 and 0 <= offset <= base.size - array.size:
             return base, offset
     return array.reshape(-1), 0
-
-
-def contiguous_runs(arrays: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
-    """Split ``arrays`` into maximal runs that lie back to back in one allocation.
-
-    Returns ``(first, stop, flat)`` per run: ``arrays[first:stop]`` occupy exactly the
-    1-D view ``flat``, in order. Arrays of different dtypes never share a run.
-    """
-    runs: list[tuple[int, int, np.ndarray]] = []
-    first, owner, start, end = 0, None, 0, 0
-    for i, array in enumerate(arrays):
-        this_owner, offset = locate(array)
-        if this_owner is owner and offset == end and i > 0:
-            end += array.size
-            continue
-        if i > 0:
-            runs.append((first, i, owner[start:end]))
-        first, owner, start, end = i, this_owner, offset, offset + array.size
-    if arrays:
-        runs.append((first, len(arrays), owner[start:end]))
-    return runs

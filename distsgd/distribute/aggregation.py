@@ -146,6 +146,8 @@ class AggregationPlan:
     result_elements: dict[np.dtype, int] = field(default_factory=dict)
     #: every position with a sparse gradient (gathered or rank-local)
     sparse_positions: list[int] = field(default_factory=list)
+    #: elements of all dense gradients
+    dense_elements: int = 0
     #: per-plan data of the plan's user (the optimizer's update segments)
     user_data: dict[Any, Any] = field(default_factory=dict)
 
@@ -275,7 +277,8 @@ class GradientAggregator:
             if bucket.route != LOCAL:
                 result_elements[bucket.dtype] = result_elements.get(bucket.dtype, 0) + bucket.size
         return AggregationPlan(tuple(kinds), buckets, chunks, sparse, densify, "",
-                               result_elements, [i for i, k in enumerate(kinds) if k == _SPARSE])
+                               result_elements, [i for i, k in enumerate(kinds) if k == _SPARSE],
+                               sum(bucket.size for bucket in buckets))
 
     def densified(self, plan: AggregationPlan, grads: Sequence[Any],
                   variables: Sequence[Variable]) -> Sequence[Any]:

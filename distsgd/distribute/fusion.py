@@ -21,6 +21,7 @@ a copy of all gradients.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 import time
@@ -137,7 +138,10 @@ class Chunk:
     start: int
     stop: int
     pieces: tuple[Piece, ...]
-    _copies: list[tuple[Any, ...]] | None = field(default=None, repr=False)
+    _copies: list[tuple[Any, ...]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._copies = _copy_plan(self.pieces)
 
     @property
     def size(self) -> int:
@@ -149,8 +153,6 @@ class Chunk:
         Whole gradients at consecutive positions are copied by one ``np.concatenate``
         (``any_none=False`` promises there is no ``None`` to look for).
         """
-        if self._copies is None:
-            self._copies = _copy_plan(self.pieces)
         for getter, pieces, low, high in self._copies:
             if getter is not None:
                 parts = getter(grads)
@@ -245,12 +247,17 @@ def plan_chunks(buckets: Sequence[Bucket], chunk_bytes: int,
 
 
 def _pieces(bucket: Bucket, start: int, stop: int) -> tuple[Piece, ...]:
-    return tuple(
-        Piece(entry.position, low - offset, high - offset, low - start,
-              low == offset and high == offset + entry.size)
-        for entry, offset in zip(bucket.entries, bucket.offsets, strict=True)
-        for low, high in [(max(start, offset), min(stop, offset + entry.size))]
-        if low < high)
+    pieces = []
+    for index in range(max(0, bisect.bisect_right(bucket.offsets, start) - 1),
+                       len(bucket.entries)):
+        entry, offset = bucket.entries[index], bucket.offsets[index]
+        if offset >= stop:
+            break
+        low, high = max(start, offset), min(stop, offset + entry.size)
+        if low < high:
+            pieces.append(Piece(entry.position, low - offset, high - offset, low - start,
+                                low == offset and high == offset + entry.size))
+    return tuple(pieces)
 
 
 def stream_chunks(chunks: Sequence[Chunk], grads: Sequence[Any],

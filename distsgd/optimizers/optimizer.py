@@ -437,8 +437,7 @@ class Optimizer:
                     self._update_flat_(segment.var[part], tuple(s[part] for s in segment.slots),
                                        grad[low - offset:high - offset], coefficients, scratch)
 
-        elements = sum(chunk.size for chunk in plan.chunks)
-        workers = self._num_threads if elements >= PARALLEL_MIN_ELEMENTS else 1
+        workers = self._num_threads if plan.dense_elements >= PARALLEL_MIN_ELEMENTS else 1
         if workers > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self._num_threads - 1,
                                             thread_name_prefix="distsgd-update")

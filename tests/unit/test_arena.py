@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 import distsgd
-from distsgd.arena import Arena, contiguous_runs, locate
+from distsgd.arena import Arena, locate
+
+
+def _adjacent(first, second):
+    """``second`` starts right where ``first`` ends, in the same allocation."""
+    (owner, offset), (other, start) = locate(first), locate(second)
+    return owner is other and start == offset + first.size
 
 
 def test_allocations_follow_each_other_in_a_block():
@@ -38,8 +44,7 @@ def test_dtypes_have_separate_blocks():
     a = arena.empty((4,), np.float32)
     b = arena.empty((4,), np.float64)
     c = arena.empty((4,), np.float32)
-    assert [(f, s) for f, s, _ in contiguous_runs([a, c])] == [(0, 2)]
-    assert len(contiguous_runs([a, b, c])) == 3
+    assert _adjacent(a, c) and not _adjacent(a, b) and not _adjacent(b, c)
 
 
 def test_threads_never_share_memory():
@@ -60,23 +65,23 @@ def test_threads_never_share_memory():
         assert o1 != o2 or s2 >= s1 + 7
 
 
-def test_contiguous_runs_split_at_gaps_order_and_foreign_arrays():
+def test_locate_finds_neighbours_and_treats_foreign_arrays_as_their_own_owner():
     arena = Arena()
-    a, b, c = (arena.empty((3,), np.float32) for _ in range(3))
+    a, b = (arena.empty((3,), np.float32) for _ in range(2))
     foreign = np.zeros(3, np.float32)
-    runs = contiguous_runs([a, b, foreign, c, b])
-    assert [(f, s) for f, s, _ in runs] == [(0, 2), (2, 3), (3, 4), (4, 5)]
-    flat = runs[0][2]
-    flat[:] = np.arange(6)
+    assert _adjacent(a, b) and not _adjacent(b, a) and not _adjacent(b, foreign)
+    owner, offset = locate(foreign)
+    assert offset == 0 and np.shares_memory(owner, foreign) and owner.size == 3
+    owner, offset = locate(a)
+    owner[offset:offset + 6] = np.arange(6)
     assert a.tolist() == [0, 1, 2] and b.tolist() == [3, 4, 5]
-    assert contiguous_runs([]) == []
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_variables_made_in_a_row_form_one_run_and_stay_independent(dtype):
     first = distsgd.Variable(np.zeros((2, 3), dtype))
     second = distsgd.Variable(np.ones(4, dtype))
-    assert len(contiguous_runs([first._array, second._array])) == 1
+    assert _adjacent(first._array, second._array)
     second.assign_add(np.ones(4, dtype))
     assert first.numpy().tolist() == [[0] * 3] * 2 and second.numpy().tolist() == [2] * 4
     integer = distsgd.Variable(np.zeros(3, np.int64))
