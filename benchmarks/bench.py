@@ -59,12 +59,13 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 
 
 def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
-          sync=lambda: None) -> dict[str, float]:
+          sync=lambda: None, number: int = 1) -> dict[str, float]:
     """Median seconds per call, candidates interleaved round by round.
 
     A candidate is a function, or ``(setup, function)`` with an untimed ``setup()``
-    before each call; ``sync()`` runs untimed before every call (a barrier: no rank's
-    lag leaks into the next candidate's time).
+    before each sample; ``sync()`` runs untimed before every sample (a barrier: no
+    rank's lag leaks into the next candidate's time). A sample is ``number`` calls in a
+    row (steady state for sub-millisecond steps, as in a training loop).
     """
     pairs = {name: c if isinstance(c, tuple) else (lambda: None, c)
              for name, c in candidates.items()}
@@ -78,8 +79,9 @@ def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
             setup()
             sync()
             start = time.perf_counter()
-            function()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(number):
+                function()
+            samples[name].append((time.perf_counter() - start) / number)
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 
@@ -172,7 +174,7 @@ def bench_small() -> dict:
     many, one = [(size,)] * count, [(count * size,)]
     times = timed({"2000 x 64, new arrays": make(many), "1 x 128000, new array": make(one),
                    "2000 x 64, GradientBuffer": make(many, True),
-                   "1 x 128000, GradientBuffer": make(one, True)}, rounds=31)
+                   "1 x 128000, GradientBuffer": make(one, True)}, rounds=31, number=16)
     return {"ms": {k: v * 1e3 for k, v in times.items()},
             "overhead_ratio": times["2000 x 64, new arrays"] / times["1 x 128000, new array"],
             "overhead_ratio_buffer": times["2000 x 64, GradientBuffer"]

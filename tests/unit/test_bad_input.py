@@ -136,20 +136,22 @@ SAME_LIST_BAD_GRADS = [
 ]
 
 
+@pytest.mark.parametrize("pairs", [zip, lambda *a, strict: list(zip(*a, strict=strict))],
+                         ids=["zip", "list"])
 @pytest.mark.parametrize(("case", "bad", "error", "match"), SAME_LIST_BAD_GRADS,
                          ids=[c[0] for c in SAME_LIST_BAD_GRADS])
-def test_errors_after_steps_with_the_same_variables(case, bad, error, match):
+def test_errors_after_steps_with_the_same_variables(case, bad, error, match, pairs):
     """The fast path taken for a variable list seen before still checks every gradient."""
     opt, var0, var1, emb = _prepared()
     grads = [GOOD0, GOOD1, np.ones((3, 2), np.float32)]
-    opt.apply_gradients(zip(grads, [var0, var1, emb], strict=True))  # the list is now known
+    opt.apply_gradients(pairs(grads, [var0, var1, emb], strict=True))  # the list is now known
     if case == "transposed":
         grads[2] = np.ones((2, 3), np.float32)
     else:
         grads[1] = bad
     before = snapshot(opt, [var0, var1, emb])
     with pytest.raises(error, match=match):
-        opt.apply_gradients(zip(grads, [var0, var1, emb], strict=True))
+        opt.apply_gradients(pairs(grads, [var0, var1, emb], strict=True))
     assert_same_state(before, snapshot(opt, [var0, var1, emb]))
 
 

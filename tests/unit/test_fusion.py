@@ -46,6 +46,24 @@ def test_chunks_cover_each_element_once_and_pack_to_the_concatenation(chunk_byte
         np.testing.assert_array_equal(out, whole[chunk.start:chunk.stop])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "fortran"])
+def test_many_small_gradients_pack_to_the_concatenation_whatever_their_layout(layout):
+    """Runs of small whole gradients are copied by ``bytes.join``; a gradient that is not
+    C-contiguous has no flat buffer, and the run falls back to ``np.concatenate``."""
+    shapes = [(4, 3)] * 30 + [(1,), (0,), (2, 5)]
+    _, chunks = _plan(1 << 20, shapes=shapes)
+    grads = _grads(shapes)
+    if layout == "strided":
+        grads[7] = np.ones((4, 6), np.float32)[:, ::2]
+    elif layout == "fortran":
+        grads[7] = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(4, 3))
+    (chunk,) = chunks
+    assert [join for *_, join in chunk._copies] == [True]  # one run, joined
+    out = np.full(chunk.size, np.nan, np.float32)
+    chunk.pack_(grads, out, any_none=False)
+    np.testing.assert_array_equal(out, np.concatenate([g.ravel() for g in grads]))
+
+
 def test_isolating_groups_small_gradients_whole_and_gives_large_ones_their_own_chunks():
     _, chunks = _plan(40, 80)  # 10 elements a chunk; 20-element chunks of large gradients
     for chunk in chunks:
