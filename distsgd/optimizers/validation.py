@@ -23,6 +23,7 @@ __all__ = ["FLOAT_DTYPES", "PairValidator", "validate_gradient"]
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,18 @@ class PairValidator:
         except TypeError:
             raise TypeError(f"grads_and_vars={grads_and_vars!r}; expected an iterable of "
                             "(gradient, variable) pairs") from None
-        try:
-            grads, variables = zip(*items, strict=True) if items else ((), ())
-        except (TypeError, ValueError):
+        # unzipped by two C-level passes: ``zip(*items)`` would make an iterator per pair,
+        # thousands of tracked objects for the garbage collector to walk
+        count = len(items)
+        if operator.countOf(map(type, items), tuple) != count or \
+                operator.countOf(map(len, items), 2) != count:
             return _check_pairs(items)
-        if len(variables) == len(self._variables) and \
-                all(map(operator.is_, variables, self._variables)):
+        grads = tuple(map(_first, items))
+        if count == len(self._variables) and \
+                all(map(operator.is_, map(_second, items), self._variables)):
             variables = self._variables  # the same tuple object: later caches check `is`
         else:
+            variables = tuple(map(_second, items))
             if not all(type(v) is Variable for v in variables) or \
                     not all(v.dtype in FLOAT_DTYPES for v in variables):
                 return _check_pairs(items)
