@@ -58,9 +58,43 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
+class Timings:
+    """Seconds per call, one sample per round and candidate (candidates interleaved).
+
+    ``ms`` reports medians; :meth:`ratio` is the median over rounds of the two
+    candidates' ratio within each round, so a slow spell of the machine (this VM has
+    minutes-long ones) weighs on both sides of the ratio alike.
+    """
+
+    def __init__(self, samples: dict[str, np.ndarray]) -> None:
+        self.samples = samples
+
+    def median(self, name: str) -> float:
+        return float(np.median(self.samples[name]))
+
+    @property
+    def ms(self) -> dict[str, float]:
+        return {name: self.median(name) * 1e3 for name in self.samples}
+
+    def ratio(self, name: str, baseline: str, scale: float = 1.0) -> float:
+        """Median over rounds of ``name / (scale * baseline)``."""
+        return float(np.median(self.samples[name] / (scale * self.samples[baseline])))
+
+    def slowest_rank(self, comm) -> Timings:
+        """Per round, the slowest rank's sample (every rank gets the same result)."""
+        from mpi4py import MPI
+
+        merged = {}
+        for name, values in self.samples.items():
+            values = np.ascontiguousarray(values, dtype=np.float64)
+            comm.Allreduce(MPI.IN_PLACE, values, op=MPI.MAX)
+            merged[name] = values
+        return Timings(merged)
+
+
 def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
-          sync=lambda: None, number: int = 1) -> dict[str, float]:
-    """Median seconds per call, candidates interleaved round by round.
+          sync=lambda: None, number: int = 1) -> Timings:
+    """Time candidates interleaved round by round.
 
     A candidate is a function, or ``(setup, function)`` with an untimed ``setup()``
     before each sample; ``sync()`` runs untimed before every sample (a barrier: no
@@ -82,7 +116,7 @@ def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
             for _ in range(number):
                 function()
             samples[name].append((time.perf_counter() - start) / number)
-    return {name: float(np.median(values)) for name, values in samples.items()}
+    return Timings({name: np.array(values) for name, values in samples.items()})
 
 
 def streaming_add(total: int, threads: int):
@@ -141,13 +175,15 @@ def bench_update() -> dict:
     except ImportError:  # torch is optional
         pass
     times = timed(candidates, rounds=11)
-    floor = times.pop("streaming a += b") * 5 / 3
+    stream = "streaming a += b"
+    floor = times.median(stream) * 5 / 3
     bandwidth = 5 * total * 4 / floor
+    names = [name for name in candidates if name != stream]
     return {"parameters": total, "tensors": len(shapes), "threads": threads,
             "kernels": "numba" if kernels._numba() else "numpy",
             "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor * 1e3,
-            "ms": {k: v * 1e3 for k, v in times.items()},
-            "ratio_to_floor": {k: v / floor for k, v in times.items()}}
+            "ms": {k: times.median(k) * 1e3 for k in names},
+            "ratio_to_floor": {k: times.ratio(k, stream, 5 / 3) for k in names}}
 
 
 def bench_small() -> dict:
@@ -175,10 +211,10 @@ def bench_small() -> dict:
     times = timed({"2000 x 64, new arrays": make(many), "1 x 128000, new array": make(one),
                    "2000 x 64, GradientBuffer": make(many, True),
                    "1 x 128000, GradientBuffer": make(one, True)}, rounds=31, number=16)
-    return {"ms": {k: v * 1e3 for k, v in times.items()},
-            "overhead_ratio": times["2000 x 64, new arrays"] / times["1 x 128000, new array"],
-            "overhead_ratio_buffer": times["2000 x 64, GradientBuffer"]
-            / times["1 x 128000, GradientBuffer"]}
+    return {"ms": times.ms,
+            "overhead_ratio": times.ratio("2000 x 64, new arrays", "1 x 128000, new array"),
+            "overhead_ratio_buffer": times.ratio("2000 x 64, GradientBuffer",
+                                                 "1 x 128000, GradientBuffer")}
 
 
 def bench_aggregate() -> dict | None:
@@ -261,20 +297,18 @@ def bench_aggregate() -> dict | None:
                   "distsgd aggregate + update": full_step,
                   "distsgd aggregate + update, GradientBuffer": (backward_into_buffer,
                                                                   buffer_step)}
-    times = timed(candidates, rounds=15, sync=comm.Barrier)
-    times = {k: comm.allreduce(v, op=MPI.MAX) for k, v in times.items()}
+    times = timed(candidates, rounds=15, sync=comm.Barrier).slowest_rank(comm)
     if rank != 0:
         return None
-    best_chunk = min(v for k, v in times.items() if k.startswith("raw chunks"))
-    baseline = times["whole-buffer Allreduce + numpy loop"]
-    return {"ranks": size, "ms": {k: v * 1e3 for k, v in times.items()},
-            "full_step_vs_whole_plus_loop": times["distsgd aggregate + update"] / baseline,
+    same_chunk = f"raw chunks of {strategy.allreduce_chunk_bytes // 4 >> 10} Ki"  # float32
+    best_chunk = min((k for k in candidates if k.startswith("raw chunks")), key=times.median)
+    baseline = "whole-buffer Allreduce + numpy loop"
+    return {"ranks": size, "ms": times.ms, "best_raw_chunks": best_chunk,
+            "full_step_vs_whole_plus_loop": times.ratio("distsgd aggregate + update", baseline),
             "buffer_step_vs_whole_plus_loop":
-                times["distsgd aggregate + update, GradientBuffer"] / baseline,
-            "aggregate_vs_best_raw_chunks": times["distsgd aggregate"] / best_chunk,
-            # distsgd's default message: 1 MiB = 256 Ki float32
-            "aggregate_vs_raw_same_chunks": times["distsgd aggregate"]
-            / times["raw chunks of 256 Ki"]}
+                times.ratio("distsgd aggregate + update, GradientBuffer", baseline),
+            "aggregate_vs_best_raw_chunks": times.ratio("distsgd aggregate", best_chunk),
+            "aggregate_vs_raw_same_chunks": times.ratio("distsgd aggregate", same_chunk)}
 
 
 def _rss_kib(field: str) -> int:
@@ -463,6 +497,7 @@ def main() -> int:
 
 def report(results: dict) -> None:
     print(f"machine: {results['machine']}")
+    print("times: medians over rounds; ratios: medians of the ratio within each round")
     if "update" in results:
         u = results["update"]
         print(f"\nSGD step, {u['parameters']:,} float32 parameters in {u['tensors']} tensors "
@@ -486,9 +521,9 @@ def report(results: dict) -> None:
             print(f"  distsgd aggregate+update / (whole Allreduce + numpy loop) = "
                   f"{a['full_step_vs_whole_plus_loop']:.2f} "
                   f"({a['buffer_step_vs_whole_plus_loop']:.2f} with a GradientBuffer)")
-            print(f"  distsgd aggregate / best raw chunked Allreduce = "
+            print(f"  distsgd aggregate / best raw chunked Allreduce ({a['best_raw_chunks']}) = "
                   f"{a['aggregate_vs_best_raw_chunks']:.2f} "
-                  f"({a['aggregate_vs_raw_same_chunks']:.2f} against 1 MiB raw chunks)")
+                  f"({a['aggregate_vs_raw_same_chunks']:.2f} against raw chunks of its size)")
     if "memory" in results:
         print("\npeak resident memory of a step over params + slots + gradients "
               "(ResNet-50 shapes)")

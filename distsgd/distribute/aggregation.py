@@ -160,7 +160,7 @@ class GradientAggregator:
         fusion_threshold_bytes: dense bucket size cap; 0 sends one buffer per tensor.
         sparse_as_dense: densify :class:`IndexedSlices` before reducing.
         chunk_bytes: dense buckets travel in messages of at most this many bytes
-            (default: the communicator's ``chunk_bytes``, else 1 MiB).
+            (default: the communicator's ``chunk_bytes``, else 4 MiB).
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
