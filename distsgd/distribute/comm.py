@@ -277,11 +277,15 @@ class MPICommunicator:
         self._guarded(self._comm.Barrier, what or "barrier")
 
     def abort(self, code: int = 1) -> None:
-        # MPI_Abort must reach the launcher, which may be unreachable (a cut link), and
-        # it blocks holding the GIL: a kernel alarm (SIGALRM's default action ends the
-        # process) makes sure this rank is gone a few seconds later regardless.
+        # On COMM_WORLD, MPICH asks the launcher to end every process. On any other
+        # communicator (our clones) it only sends the peers a message that they act on
+        # when they next enter MPI: a rank busy outside MPI would outlive the job, and
+        # later hang in MPI_Finalize. MPI_Abort must reach the launcher, which may be
+        # unreachable (a cut link), and it blocks holding the GIL: a kernel alarm
+        # (SIGALRM's default action ends the process) makes sure this rank is gone a
+        # few seconds later regardless.
         signal.alarm(int(ABORT_GRACE_SECONDS))
-        self._comm.Abort(code)
+        self._MPI.COMM_WORLD.Abort(code)
 
     def free(self) -> None:
         """Release the cloned communicators."""
