@@ -45,6 +45,9 @@ DEFAULT_TIMEOUT_SECONDS = 600.0
 TIMEOUT_EXIT_CODE = 3
 #: After asking MPI to abort, a rank exits by itself at the latest this much later.
 ABORT_GRACE_SECONDS = 3
+#: Before asking MPI to abort, a rank waits this long for the launcher to forward its
+#: last output (the launcher drops output in flight when it ends the job).
+OUTPUT_FORWARD_SECONDS = 1.0
 _REPORT_BYTES = 512
 _REPORT_TAG = 7311
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -284,6 +287,9 @@ class MPICommunicator:
         # unreachable (a cut link), and it blocks holding the GIL: a kernel alarm
         # (SIGALRM's default action ends the process) makes sure this rank is gone a
         # few seconds later regardless.
+        # The launcher kills at once and drops output still in flight: what this rank
+        # just printed (the reason) gets a moment to be forwarded first.
+        time.sleep(OUTPUT_FORWARD_SECONDS)
         signal.alarm(int(ABORT_GRACE_SECONDS))
         self._MPI.COMM_WORLD.Abort(code)
 
