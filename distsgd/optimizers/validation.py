@@ -9,6 +9,7 @@ where every error message comes from.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +92,7 @@ class PairValidator:
         return _check_pairs(items)
 
 
-def _check_pairs(items: tuple[Any, ...]) -> Checked:
+def _check_pairs(items: Sequence[Any]) -> Checked:
     grads, variables = [], []
     for i, item in enumerate(items):
         if not isinstance(item, tuple | list) or len(item) != 2:
