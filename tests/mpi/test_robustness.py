@@ -126,3 +126,25 @@ def test_sharded_batches_agree_on_steps_and_cover_the_global_batch(strategy):
 def test_replica_share_splits_evenly():
     shares = [replica_share(10, r, 3) for r in range(3)]
     assert [(s.start, s.stop) for s in shares] == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_abort_ends_the_whole_job_after_the_reason_is_forwarded(monkeypatch):
+    """MPI_Abort goes to COMM_WORLD (MPICH then has the launcher end every process; on a
+    cloned communicator it only messages peers, which a rank busy outside MPI never reads),
+    under a kernel alarm; the e2e failure tests show the reason is forwarded first."""
+    from distsgd.distribute import comm as comm_lib
+
+    communicator = comm_lib.MPICommunicator()  # collective: every rank makes one
+    calls = []
+
+    class World:
+        @staticmethod
+        def Abort(code):
+            calls.append(("abort", code))
+
+    monkeypatch.setattr(comm_lib, "OUTPUT_FORWARD_SECONDS", 0.0)
+    monkeypatch.setattr(comm_lib.signal, "alarm", lambda seconds: calls.append(("alarm", seconds)))
+    monkeypatch.setattr(communicator, "_MPI", type("MPI", (), {"COMM_WORLD": World}))
+    communicator.abort(3)
+    communicator.free()
+    assert calls == [("alarm", comm_lib.ABORT_GRACE_SECONDS), ("abort", 3)]
