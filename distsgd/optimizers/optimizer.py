@@ -362,7 +362,7 @@ class Optimizer:
             self._stream_update(plan, state.segments, grads, apply_state,
                                 functools.partial(aggregator.reduce_chunk_, plan)
                                 if aggregator.distributed else None,
-                                checked.all_dense, sources)
+                                checked.all_dense, self.clipvalue, sources)
             with timeline.span("aggregate"):
                 gathered = aggregator.gather_sparse(plan, grads, checked.variables)
             with timeline.span("update"):
@@ -414,9 +414,10 @@ class Optimizer:
     def _stream_update(self, plan: AggregationPlan, segments: list[list[Segment]],
                        grads: Sequence[Any], apply_state: ApplyState,
                        reduce: Callable[[Chunk, np.ndarray], None] | None, all_dense: bool,
+                       clipvalue: float | None,
                        sources: Sequence[np.ndarray | None] | None = None) -> None:
-        """Pack (unless in place), reduce (``reduce``), clip by value and apply each chunk."""
-        clipvalue = self.clipvalue
+        """Pack (unless in place), reduce (``reduce``), clip by ``clipvalue`` (unless None)
+        and apply each chunk."""
 
         def on_chunk(chunk: Chunk, grad: np.ndarray, offset: int, worker: int) -> None:
             coefficients = apply_state[chunk.bucket.dtype]
@@ -472,7 +473,8 @@ class Optimizer:
             variables = tuple(v for _, v in dense)
             plan = self._local_aggregator.agree(grads, variables, all_dense=True)
             state = self._stream_state(plan, variables, list(variables))
-            self._stream_update(plan, state.segments, grads, apply_state, None, True)
+            # already clipped above: no second clip (nor the copy it would force)
+            self._stream_update(plan, state.segments, grads, apply_state, None, True, None)
         else:  # a variable listed twice gets sequential updates, in order
             for grad, var in dense:
                 self._resource_apply_dense(grad, var, apply_state)
