@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -361,7 +362,7 @@ class GradientAggregator:
         gathered = {}
         for column, position in enumerate(plan.sparse):
             var = variables[position]
-            row_elements = int(np.prod(var.shape[1:], dtype=np.int64))
+            row_elements = math.prod(var.shape[1:])
             grad = grads[position]
             if grad is None:
                 values = np.zeros((0,) + var.shape[1:], dtype=var.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -64,10 +65,11 @@ class Entry:
     dtype: np.dtype
     route: str
     shape: tuple[int, ...]
+    #: elements (computed once: a step reads it per gradient)
+    size: int = field(init=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", math.prod(self.shape))
 
 
 @dataclass
