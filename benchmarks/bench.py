@@ -467,9 +467,8 @@ def plot(results: dict, path: Path) -> None:
     for ax, (name, ms) in zip(axes, panels, strict=True):
         labels = list(ms)
         ax.barh(labels, [ms[k] for k in labels],
-                color=["tab:gray" if "passes alone" in k
-                       else "tab:blue" if "distsgd" in k or name == "small" else "tab:gray"
-                       for k in labels])
+                color=["tab:blue" if ("distsgd" in k or name == "small")
+                       and "passes alone" not in k else "tab:gray" for k in labels])
         if name == "update":
             ax.axvline(results["update"]["floor_ms"], color="tab:red", linestyle="--",
                        label="memory floor")
