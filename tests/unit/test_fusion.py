@@ -18,6 +18,13 @@ F32 = np.dtype(np.float32)
 SHAPES = [(3, 4), (0,), (7,), (2, 2, 5), (1,), (50,), (6,)]
 
 
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 4), (2, 0, 5), (2, 2, 5)])
+def test_entry_size_is_the_element_count_and_a_plain_int(shape):
+    entry = Entry(0, F32, "sum", shape)
+    assert entry.size == np.zeros(shape).size and type(entry.size) is int
+    assert entry == Entry(0, F32, "sum", shape)
+
+
 def _plan(chunk_bytes, isolate=None, shapes=SHAPES):
     entries = [Entry(i, F32, "sum", s) for i, s in enumerate(shapes)]
     buckets = plan_buckets(entries, 1 << 20)
