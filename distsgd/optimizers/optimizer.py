@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -47,11 +48,11 @@ from distsgd.distribute.fusion import (
     stream_chunks,
 )
 from distsgd.distribute.strategy import get_strategy
-from distsgd.gradients import gradients
+from distsgd.gradients import GradientBuffer, gradients
 from distsgd.indexed_slices import IndexedSlices, deduplicate
 from distsgd.optimizers import schedules as schedules_lib
 from distsgd.optimizers.segments import Segment, chunk_sources, plan_segments
-from distsgd.optimizers.validation import PairValidator
+from distsgd.optimizers.validation import FLOAT_DTYPES, PairValidator
 from distsgd.timeline import timeline
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
@@ -126,6 +127,8 @@ class Optimizer:
         self._weights: list[Variable] = []
         self._iterations: Variable | None = None
         self._validator = PairValidator()
+        # where minimize() writes the gradients of its last variable list
+        self._minimize_buffer: GradientBuffer | None = None
         # already aggregated gradients (and one process) are planned without collectives
         self._local_aggregator = GradientAggregator(
             SerialCommunicator(), fusion_threshold_bytes=DEFAULT_FUSION_THRESHOLD_BYTES,
@@ -552,8 +555,23 @@ class Optimizer:
         ``loss`` is a zero-argument callable written with ``autograd.numpy`` (or
         Variable operators); a non-scalar loss is summed, or weighted by ``grad_loss``.
         A callable ``var_list`` is evaluated after a first call of ``loss``.
+
+        The gradients are written into a :class:`~distsgd.GradientBuffer` that the
+        optimizer keeps for its last ``var_list`` (the same variables, in order), so a
+        step allocates no gradient copies and reduces them where they lie.
         """
-        return self.apply_gradients(self._compute_gradients(loss, var_list, grad_loss), name)
+        variables = _resolve_var_list(loss, var_list)
+        buffer = self._minimize_buffer
+        if buffer is None or len(buffer.variables) != len(variables) or \
+                not all(map(operator.is_, buffer.variables, variables)):
+            buffer = None
+            if variables and all(type(v) is Variable and v.dtype in FLOAT_DTYPES
+                                 for v in variables):
+                buffer = self._minimize_buffer = GradientBuffer(variables)
+        if buffer is None:  # the pair-by-pair path names what is wrong
+            return self.apply_gradients(_paired(loss, variables, grad_loss), name)
+        gradients(loss, variables, grad_loss, out=buffer)
+        return self.apply_gradients(buffer, name)
 
     def get_gradients(self, loss: Callable[[], Any], params: Sequence[Variable]) -> list[Any]:
         """Gradients of ``loss()`` w.r.t. ``params``, clipped as configured.
@@ -561,7 +579,7 @@ class Optimizer:
         Raises:
             ValueError: a parameter has no gradient (the loss does not use it).
         """
-        pairs = self._compute_gradients(loss, params)
+        pairs = _paired(loss, _resolve_var_list(loss, params))
         for grad, param in pairs:
             if grad is None:
                 raise ValueError(f"Variable {param.name!r} has `None` for gradient. Please make "
@@ -573,14 +591,6 @@ class Optimizer:
         """``[apply_gradients(zip(get_gradients(loss, params), params))]``."""
         grads = self.get_gradients(loss, params)
         return [self.apply_gradients(list(zip(grads, params, strict=True)))]
-
-    def _compute_gradients(self, loss: Callable[[], Any], var_list: Any,
-                           grad_loss: Any = None) -> list[tuple[Any, Variable]]:
-        if callable(var_list) and callable(loss):
-            loss()  # variables created lazily by the loss exist after a first call
-            var_list = var_list()
-        var_list = list(_flatten(var_list))
-        return list(zip(gradients(loss, var_list, grad_loss), var_list, strict=True))
 
     # --- config --------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -617,6 +627,21 @@ def _finite(grad: Gradient) -> bool:
     """No NaN or inf in ``grad``: one float64 sum (NaN and inf survive it), no copy."""
     values = grad.values if isinstance(grad, IndexedSlices) else grad
     return bool(np.isfinite(np.add.reduce(values.reshape(-1), dtype=np.float64)))
+
+
+def _resolve_var_list(loss: Callable[[], Any], var_list: Any) -> list[Any]:
+    """``var_list`` as a flat list; a callable one is evaluated after a first call of
+    ``loss`` (which creates variables made lazily)."""
+    if callable(var_list) and callable(loss):
+        loss()
+        var_list = var_list()
+    return list(_flatten(var_list))
+
+
+def _paired(loss: Callable[[], Any], variables: list[Any],
+            grad_loss: Any = None) -> list[tuple[Any, Variable]]:
+    """``(gradient, variable)`` pairs of ``loss()``, the gradients as new arrays."""
+    return list(zip(gradients(loss, variables, grad_loss), variables, strict=True))
 
 
 def _flatten(items: Any) -> Iterable[Any]:

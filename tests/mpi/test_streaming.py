@@ -1,9 +1,10 @@
-"""The streaming step across ranks: in-place buffers, the pipelined worker, the materialized
-path and tiny chunks all give bitwise the same replicas; a step allocates nothing
+"""The streaming step across ranks: in-place buffers, minimize, the pipelined worker, the
+materialized path and tiny chunks all give bitwise the same replicas; a step allocates nothing
 proportional to the model."""
 
 import tracemalloc
 
+import autograd.numpy as anp
 import numpy as np
 import pytest
 
@@ -37,6 +38,10 @@ def _train(strategy, form="arrays", steps=3, configure=lambda optimizer: None):
             grads = [rng.integers(-8, 8, s).astype(d) for s, d, _, _ in LAYOUT]
             if form == "arrays":
                 opt.apply_gradients(zip(grads, variables, strict=True))
+            elif form == "minimize":  # autograd's gradient of sum(v * g) is exactly g
+                opt.minimize(lambda grads=grads: sum(anp.sum(v * g) for v, g in
+                                                     zip(variables, grads, strict=True)),
+                             variables)
             else:
                 for target, grad in zip(buffer.grads, grads, strict=True):
                     target[...] = grad
@@ -61,7 +66,7 @@ def reference(strategy):
     return _train(strategy)
 
 
-@pytest.mark.parametrize("form", ["buffer", "zip"])
+@pytest.mark.parametrize("form", ["buffer", "zip", "minimize"])
 def test_gradient_buffers_equal_separate_arrays(strategy, reference, form):
     got = _train(strategy, form)
     _assert_same(got, reference)
