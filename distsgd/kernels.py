@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from distsgd.arena import huge_page_zeros
+
 __all__ = [
     "BLOCK_ELEMENTS",
     "DenseKernels",
@@ -54,7 +56,7 @@ class ScratchBuffers:
         key = (np.dtype(dtype), slot)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.size < elements:
-            buffer = self._buffers[key] = np.empty(elements, dtype=dtype)
+            buffer = self._buffers[key] = huge_page_zeros(elements, dtype)
         return buffer[:elements]
 
 

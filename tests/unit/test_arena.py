@@ -1,13 +1,15 @@
 """The arena: variables made one after another lie back to back; runs are found exactly."""
 
+import gc
 import itertools
+import mmap
 import threading
 
 import numpy as np
 import pytest
 
 import distsgd
-from distsgd.arena import Arena, locate
+from distsgd.arena import HUGE_PAGE_BYTES, Arena, huge_page_zeros, locate
 
 
 def _adjacent(first, second):
@@ -87,3 +89,28 @@ def test_variables_made_in_a_row_form_one_run_and_stay_independent(dtype):
     integer = distsgd.Variable(np.zeros(3, np.int64))
     scalar = distsgd.Variable(dtype(1))
     assert integer._array.base is None and scalar._array.base is None
+
+
+@pytest.mark.parametrize("elements, dtype", [(0, np.float32), (1000, np.float64),
+                                             (HUGE_PAGE_BYTES // 4, np.float32),
+                                             ((5 << 20) // 8 + 3, np.float64)])
+def test_huge_page_zeros_are_zeroed_writable_and_separate(elements, dtype):
+    first, second = huge_page_zeros(elements, dtype), huge_page_zeros(elements, dtype)
+    for array in (first, second):
+        assert array.shape == (elements,) and array.dtype == dtype
+        assert array.flags.c_contiguous and array.flags.writeable
+        assert not array.any()
+    first[:] = 1
+    assert not second.any()  # no shared memory between buffers
+    large = elements * np.dtype(dtype).itemsize >= HUGE_PAGE_BYTES
+    if large and hasattr(mmap, "MADV_HUGEPAGE"):
+        assert first.ctypes.data % HUGE_PAGE_BYTES == 0  # huge pages can back all of it
+
+
+def test_huge_page_zeros_memory_lives_as_long_as_the_array():
+    array = huge_page_zeros(HUGE_PAGE_BYTES // 8, np.float64)
+    view = array[10:20]
+    del array
+    gc.collect()
+    view[:] = 7.0  # still mapped: the view keeps the buffer alive
+    assert view.sum() == 70.0
