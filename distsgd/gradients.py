@@ -41,9 +41,7 @@ def value_and_gradients(loss: Callable[[], Any], variables: Sequence[Variable],
     for i, var in enumerate(variables):
         if not isinstance(var, Variable):
             raise ValueError(f"variables[{i}]={var!r} is not a distsgd.Variable")
-    if out is not None and (not isinstance(out, GradientBuffer) or
-                            len(out.variables) != len(variables) or
-                            not all(map(operator.is_, out.variables, variables))):
+    if out is not None and (not isinstance(out, GradientBuffer) or not out.is_for(variables)):
         raise ValueError(f"out={out!r}; expected a GradientBuffer of these {len(variables)} "
                          "variables, in this order")
     if not variables:
@@ -142,6 +140,12 @@ class GradientBuffer:
 
     def __len__(self) -> int:
         return len(self.grads)
+
+    def is_for(self, variables: Sequence[Variable]) -> bool:
+        """Whether this buffer holds the gradients of exactly ``variables`` (the same
+        objects, in order)."""
+        return len(self.variables) == len(variables) and \
+            all(map(operator.is_, self.variables, variables))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray | None, Variable]]:
         """The ``(gradient, variable)`` pairs."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -562,8 +561,7 @@ class Optimizer:
         """
         variables = _resolve_var_list(loss, var_list)
         buffer = self._minimize_buffer
-        if buffer is None or len(buffer.variables) != len(variables) or \
-                not all(map(operator.is_, buffer.variables, variables)):
+        if buffer is None or not buffer.is_for(variables):
             buffer = None
             if variables and all(type(v) is Variable and v.dtype in FLOAT_DTYPES
                                  for v in variables):
