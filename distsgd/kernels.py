@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ __all__ = [
     "BLOCK_ELEMENTS",
     "DenseKernels",
     "ScratchBuffers",
+    "compiled",
     "default_num_threads",
     "dense_kernels",
     "gradient_descent_",
@@ -155,42 +157,52 @@ def sparse_keras_momentum_(
 
 # --- fused loops (numba, optional) -----------------------------------------------------
 
-_numba_kernels: tuple[Callable[..., None], Callable[..., None]] | None = None
+_compiled: dict[str, Any] = {}
 _numba_lock = threading.Lock()
 
 
-def _numba() -> tuple[Callable[..., None], Callable[..., None]] | None:
-    """The compiled (gradient descent, momentum) loops, or None without numba."""
-    global _numba_kernels
+def compiled(name: str, build: Callable[[Callable[..., Any]], Any]) -> Any:
+    """``build(jit)`` with ``jit`` = numba's ``njit(nogil=True, cache=True)``, made once per
+    process and kept under ``name``; None without numba or with ``DISTSGD_KERNELS=numpy``
+    (read on every call, so tests can compare both)."""
     if os.environ.get("DISTSGD_KERNELS", "").lower() == "numpy":
-        return None  # read on every call, so tests can compare both
+        return None
     with _numba_lock:
-        if _numba_kernels is None:
+        if name not in _compiled:
             try:
                 from numba import njit
             except ImportError:
-                _numba_kernels = ()  # type: ignore[assignment]
+                _compiled[name] = None
             else:
-                @njit(nogil=True, cache=True)
-                def gradient_descent(var, grad, lr):  # type: ignore[no-untyped-def]
-                    for i in range(var.size):
-                        var[i] = var[i] - grad[i] * lr
+                _compiled[name] = build(njit(nogil=True, cache=True))
+        return _compiled[name]
 
-                @njit(nogil=True, cache=True)
-                def momentum(var, accum, grad, lr, m, nesterov):  # type: ignore[no-untyped-def]
-                    if nesterov:
-                        for i in range(var.size):
-                            a = accum[i] * m - grad[i] * lr
-                            accum[i] = a
-                            var[i] = var[i] + (a * m - grad[i] * lr)
-                    else:
-                        for i in range(var.size):
-                            a = accum[i] * m - grad[i] * lr
-                            accum[i] = a
-                            var[i] = var[i] + a
 
-                _numba_kernels = (gradient_descent, momentum)
-    return _numba_kernels or None
+def _build_sgd(jit: Callable[..., Any]) -> tuple[Callable[..., None], Callable[..., None]]:
+    @jit
+    def gradient_descent(var, grad, lr):  # type: ignore[no-untyped-def]
+        for i in range(var.size):
+            var[i] = var[i] - grad[i] * lr
+
+    @jit
+    def momentum(var, accum, grad, lr, m, nesterov):  # type: ignore[no-untyped-def]
+        if nesterov:
+            for i in range(var.size):
+                a = accum[i] * m - grad[i] * lr
+                accum[i] = a
+                var[i] = var[i] + (a * m - grad[i] * lr)
+        else:
+            for i in range(var.size):
+                a = accum[i] * m - grad[i] * lr
+                accum[i] = a
+                var[i] = var[i] + a
+
+    return gradient_descent, momentum
+
+
+def _numba() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """The compiled (gradient descent, momentum) loops, or None."""
+    return compiled("sgd", _build_sgd)
 
 
 _FUSABLE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

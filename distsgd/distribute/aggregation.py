@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from distsgd.distribute.comm import DEFAULT_CHUNK_BYTES
+from distsgd.distribute.compression import allreduce_bfloat16_, check_compression
 from distsgd.distribute.fusion import (
     ISOLATED_CHUNK_BYTES,
     Bucket,
@@ -57,6 +58,7 @@ __all__ = ["AggregationPlan", "GradientAggregator", "MismatchError", "route_of"]
 
 LOCAL, SUM, MEAN, FIRST = "local", "sum", "mean", "first"
 _NONE, _DENSE, _SPARSE = 0, 1, 2
+_FLOAT32 = np.dtype(np.float32)
 _DENSE_KINDS = np.zeros(0, dtype=np.uint8)  # stands for "all dense" in the flag check
 
 
@@ -162,11 +164,15 @@ class GradientAggregator:
         sparse_as_dense: densify :class:`IndexedSlices` before reducing.
         chunk_bytes: dense buckets travel in messages of at most this many bytes
             (default: the communicator's ``chunk_bytes``, else 4 MiB).
+        compression: ``"bfloat16"``: summed float32 gradients travel as bfloat16
+            (:mod:`~distsgd.distribute.compression`); None: exactly.
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
-                 sparse_as_dense: bool, chunk_bytes: int | None = None) -> None:
+                 sparse_as_dense: bool, chunk_bytes: int | None = None,
+                 compression: str | None = None) -> None:
         self.communicator = communicator
+        self.compression = check_compression(compression)
         self.fusion_threshold_bytes = fusion_threshold_bytes
         self.sparse_as_dense = sparse_as_dense
         self.chunk_bytes = int(chunk_bytes or getattr(communicator, "chunk_bytes", 0)
@@ -178,6 +184,7 @@ class GradientAggregator:
         self._plans: OrderedDict[tuple[Any, ...], AggregationPlan] = OrderedDict()
         self._last_signature: tuple[Sequence[Variable], _Signature] | None = None
         self._results = ScratchBuffers()
+        self._wire = ScratchBuffers()  # bfloat16 transport's buffers
 
     @property
     def distributed(self) -> bool:
@@ -242,12 +249,20 @@ class GradientAggregator:
         if cached is None:
             positions = [i for i, v in enumerate(variables) if route_of(v) != LOCAL]
             items = [(variables[i].name, variables[i].shape, variables[i].dtype.str,
-                      route_of(variables[i])) for i in positions]
+                      self._route_label(variables[i])) for i in positions]
             cached = _Signature(key, items, signature_hash(items), positions)
             _store(self._signatures, key, cached, _SIGNATURES_KEPT)
         if isinstance(variables, tuple):
             self._last_signature = (variables, cached)
         return cached
+
+    def _compressed(self, dtype: np.dtype, route: str) -> bool:
+        return self.compression is not None and route in (SUM, MEAN) and dtype == _FLOAT32
+
+    def _route_label(self, var: Variable) -> str:
+        """``var``'s route as the signature check compares it (with its transport)."""
+        route = route_of(var)
+        return f"{route}, {self.compression}" if self._compressed(var.dtype, route) else route
 
     def _plan(self, variables: Sequence[Variable], local: bytes,
               shared: bytes) -> AggregationPlan:
@@ -306,7 +321,10 @@ class GradientAggregator:
         if bucket.route == FIRST:
             self.communicator.bcast_(buffer, root=0, what=what)
         else:
-            self.communicator.allreduce_(buffer, "sum", what=what, send=send)
+            if self._compressed(bucket.dtype, bucket.route):
+                allreduce_bfloat16_(self.communicator, buffer, send, self._wire, what)
+            else:
+                self.communicator.allreduce_(buffer, "sum", what=what, send=send)
             if bucket.route == MEAN:
                 np.divide(buffer, self.communicator.size, out=buffer)
 

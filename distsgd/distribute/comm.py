@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -102,6 +103,16 @@ class Communicator(Protocol):
     def allgatherv(self, send: np.ndarray, counts: np.ndarray, what: str = "") -> np.ndarray:
         """Concatenate every rank's 1-D ``send`` in rank order (``counts[r]`` items each)."""
 
+    def allgatherv_(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int],
+                    what: str = "") -> None:
+        """:meth:`allgatherv` into ``recv`` (``sum(counts)`` items)."""
+
+    def alltoallv_(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                   recv_counts: Sequence[int], what: str = "") -> None:
+        """Personalized exchange: the ``send_counts[r]`` items of ``send`` after the first
+        ``send_counts[:r]`` go to rank ``r``; ``recv`` receives ``recv_counts[q]`` items
+        from each rank ``q``, in rank order."""
+
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj`` (metadata only, never gradients)."""
 
@@ -129,6 +140,14 @@ class SerialCommunicator:
 
     def allgatherv(self, send: np.ndarray, counts: np.ndarray, what: str = "") -> np.ndarray:
         return send.copy()
+
+    def allgatherv_(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int],
+                    what: str = "") -> None:
+        np.copyto(recv, send)
+
+    def alltoallv_(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                   recv_counts: Sequence[int], what: str = "") -> None:
+        np.copyto(recv, send)
 
     def allgather_object(self, obj: Any) -> list[Any]:
         return [obj]
@@ -269,9 +288,18 @@ class MPICommunicator:
     def allgatherv(self, send: np.ndarray, counts: np.ndarray, what: str = "") -> np.ndarray:
         counts = np.asarray(counts, dtype=np.int64)
         received = np.empty(int(counts.sum()), dtype=send.dtype)
-        self._guarded(self._comm.Allgatherv, what, send.reshape(-1),
-                      [received, counts.tolist()])
+        self.allgatherv_(send, received, counts.tolist(), what)
         return received
+
+    def allgatherv_(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int],
+                    what: str = "") -> None:
+        # lists: mpi4py reads a 2-tuple as (counts, displacements)
+        self._guarded(self._comm.Allgatherv, what, send.reshape(-1), [recv, list(counts)])
+
+    def alltoallv_(self, send: np.ndarray, send_counts: Sequence[int], recv: np.ndarray,
+                   recv_counts: Sequence[int], what: str = "") -> None:
+        self._guarded(self._comm.Alltoallv, what, [send, list(send_counts)],
+                      [recv, list(recv_counts)])
 
     def allgather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)

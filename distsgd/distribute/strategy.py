@@ -26,6 +26,7 @@ from distsgd.distribute.aggregation import (
     route_of,
     signature_hash,
 )
+from distsgd.distribute.compression import check_compression
 from distsgd.distribute.fusion import DEFAULT_FUSION_THRESHOLD_BYTES
 from distsgd.variables import (
     Variable,
@@ -67,13 +68,18 @@ class Strategy:
         fusion_threshold_bytes: dense gradients are packed into buffers of up to this
             many bytes; 0 sends one buffer per tensor.
         sparse_as_dense: densify sparse gradients before aggregating them.
+        compression: ``"bfloat16"`` sends summed float32 gradients as bfloat16, half
+            the bytes, at a relative rounding error of at most 2**-9 on each input and
+            on the sum (opt-in; see :mod:`~distsgd.distribute.compression`); ``None``
+            (default) sends them exactly.
     """
 
     def __init__(self, communicator: Any = None, *,
                  fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
                  sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
-                 repair_replicas: bool = False) -> None:
+                 repair_replicas: bool = False, compression: str | None = None) -> None:
         check_number("fusion_threshold_bytes", fusion_threshold_bytes, low=0)
+        self.compression = check_compression(compression)
         check_number("check_replicas_every_steps", check_replicas_every_steps, low=0)
         for name, flag in (("sparse_as_dense", sparse_as_dense),
                            ("repair_replicas", repair_replicas)):
@@ -269,7 +275,7 @@ class Strategy:
         if self._aggregator is None:
             self._aggregator = GradientAggregator(
                 self.communicator, fusion_threshold_bytes=self.fusion_threshold_bytes,
-                sparse_as_dense=self.sparse_as_dense)
+                sparse_as_dense=self.sparse_as_dense, compression=self.compression)
         return self._aggregator
 
     def _aggregate_gradients(self, pairs: list[tuple[Any, Variable]],
@@ -294,6 +300,8 @@ class MPIStrategy(Strategy):
         fusion_threshold_bytes: dense bucket size cap in bytes (0: no fusion).
         allreduce_chunk_bytes: large reductions go in chunks of this many bytes.
         sparse_as_dense: densify sparse gradients instead of gathering them.
+        compression: ``"bfloat16"``: summed float32 gradients travel as bfloat16
+            (opt-in, lossy; see :class:`Strategy`); ``None``: exactly.
         check_replicas_every_steps: run :meth:`check_replicas` on the updated
             variables and optimizer state every this many steps (0: never).
         repair_replicas: with the periodic check, re-broadcast rank 0's values
@@ -309,9 +317,9 @@ class MPIStrategy(Strategy):
                  allreduce_chunk_bytes: int = comm_lib.DEFAULT_CHUNK_BYTES,
                  sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
                  repair_replicas: bool = False, timeout_seconds: float | None = None,
-                 abort_on_exception: bool = True) -> None:
+                 abort_on_exception: bool = True, compression: str | None = None) -> None:
         super().__init__(None, fusion_threshold_bytes=fusion_threshold_bytes,
-                         sparse_as_dense=sparse_as_dense,
+                         sparse_as_dense=sparse_as_dense, compression=compression,
                          check_replicas_every_steps=check_replicas_every_steps,
                          repair_replicas=repair_replicas)
         check_number("allreduce_chunk_bytes", allreduce_chunk_bytes, low=1)
