@@ -16,11 +16,15 @@ Parts:
   memory     peak resident memory of steps over params + slots + gradients, 1 and 2
              ranks (Linux /proc), against a flat copy + Allreduce + numpy loop
   scaling    the training job's samples/s at 1, 2 and 4 ranks (synthetic, ~1M params)
+  transport  bfloat16 against exact gradient transport at 2 ranks: on one host, and
+             (as root) between two emulated hosts over TCP, also with the link capped
+             by tc at 4 and 1 Gbit/s
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import operator
@@ -326,7 +330,7 @@ def bench_aggregate() -> dict | None:
                   "distsgd aggregate + update": full_step,
                   "distsgd aggregate + update, GradientBuffer": (backward_into_buffer,
                                                                   buffer_step)}
-    times = timed(candidates, rounds=15, sync=comm.Barrier).slowest_rank(comm)
+    times = timed(candidates, rounds=31, sync=comm.Barrier).slowest_rank(comm)
     if rank != 0:
         return None
     same_chunk = f"raw chunks of {strategy.allreduce_chunk_bytes // 4 >> 10} Ki"  # float32
@@ -338,6 +342,71 @@ def bench_aggregate() -> dict | None:
                 times.ratio("distsgd aggregate + update, GradientBuffer", baseline),
             "aggregate_vs_best_raw_chunks": times.ratio("distsgd aggregate", best_chunk),
             "aggregate_vs_raw_same_chunks": times.ratio("distsgd aggregate", same_chunk)}
+
+
+def bench_transport() -> dict | None:
+    """Exact float32 against bfloat16 transport (two strategies on the same ranks):
+    aggregation alone and the momentum step, ResNet-50's gradients."""
+    from distsgd.distribute import MPIStrategy
+
+    strategies = {"exact": MPIStrategy(), "bfloat16": MPIStrategy(compression="bfloat16")}
+    comm = strategies["exact"].communicator._comm
+    shapes = resnet50_shapes()
+    rng = np.random.default_rng(comm.Get_rank())
+    grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    candidates = {}
+    for name, strategy in strategies.items():
+        with strategy.scope():
+            variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
+                         for i, s in enumerate(shapes)]
+            opt = SGD(0.01, momentum=0.9)
+        pairs = list(zip(grads, variables, strict=True))
+        candidates[f"{name} aggregate"] = functools.partial(
+            _in_scope, strategy, strategy._aggregate_gradients, pairs)
+        candidates[f"{name} step"] = functools.partial(_in_scope, strategy,
+                                                       opt.apply_gradients, pairs)
+    times = timed(candidates, rounds=5, sync=comm.Barrier).slowest_rank(comm)
+    from mpi4py import MPI
+
+    hosts = len(set(comm.allgather(MPI.Get_processor_name())))  # every rank takes part
+    if comm.Get_rank() != 0:
+        return None
+    return {"ranks": comm.Get_size(), "hosts": hosts, "ms": times.ms,
+            "aggregate_bfloat16_vs_exact": times.ratio("bfloat16 aggregate", "exact aggregate"),
+            "step_bfloat16_vs_exact": times.ratio("bfloat16 step", "exact step")}
+
+
+def _in_scope(strategy, function, *args) -> None:
+    with strategy.scope():
+        function(*args)
+
+
+def transport_runs() -> list[dict]:
+    """bench_transport at 2 ranks on this host, then, where emulated hosts can be made
+    (root: network namespaces, tests/netns.py), 1 rank on each of 2 hosts over TCP: the
+    veth link as it is, and capped by tc at 4 and 1 Gbit/s."""
+    from tests import netns
+
+    runs = [{"link": "shared memory (one host)", **run_under_mpirun(2, "transport")}]
+    reason = netns.available()
+    if reason is not None:
+        print(f"transport across hosts skipped: {reason}", file=sys.stderr)
+        return runs
+    for rate in (None, "4gbit", "1gbit"):
+        hosts = netns.Hosts()
+        try:
+            if rate is not None:
+                hosts.limit_rate(rate)
+            result = subprocess.run(hosts.mpiexec(1, __file__, "transport", "--json-stdout"),
+                                    capture_output=True, text=True, timeout=900, cwd=ROOT,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+        finally:
+            hosts.remove()
+        if result.returncode != 0:
+            raise SystemExit(f"transport across hosts failed:\n{result.stderr[-3000:]}")
+        link = "TCP between 2 hosts, veth" + ("" if rate is None else f" capped at {rate}")
+        runs.append({"link": link, **json.loads(result.stdout.strip().splitlines()[-1])})
+    return runs
 
 
 def _rss_kib(field: str) -> int:
@@ -492,15 +561,18 @@ def main() -> int:
         if args.parts[0] == "memory":
             result = bench_memory(args.parts[1])
         else:
-            result = {"aggregate": bench_aggregate, "update": bench_update}[args.parts[0]]()
+            result = {"aggregate": bench_aggregate, "update": bench_update,
+                      "transport": bench_transport}[args.parts[0]]()
         if result is not None:
             print(json.dumps(result))
         return 0
     chosen = args.parts or ["all"]
-    unknown = set(chosen) - {"all", "update", "aggregate", "small", "memory", "scaling"}
+    unknown = set(chosen) - {"all", "update", "aggregate", "small", "memory", "scaling",
+                             "transport"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
-    parts = ["update", "small", "aggregate", "memory", "scaling"] if "all" in chosen \
+    parts = ["update", "small", "aggregate", "memory", "scaling", "transport"] \
+        if "all" in chosen \
         else chosen
     results: dict = {"machine": machine()}
     if "update" in parts:
@@ -515,6 +587,8 @@ def main() -> int:
                              for form in ("arrays", "buffer", "whole")]
     if "scaling" in parts:
         results["scaling"] = bench_scaling()
+    if "transport" in parts:
+        results["transport"] = transport_runs()
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
     report(results)
@@ -569,6 +643,14 @@ def report(results: dict) -> None:
         for ranks, rate in sc["samples_per_second"].items():
             print(f"  {ranks} rank(s): {rate:12,.0f} samples/s   efficiency "
                   f"{sc['efficiency'][ranks]:.2f}")
+    if "transport" in results:
+        print("\nbfloat16 transport against exact float32 (ResNet-50 gradients, 2 ranks)")
+        for run in results["transport"]:
+            ms = run["ms"]
+            print(f"  {run['link']:<44} aggregate {ms['exact aggregate']:7.1f} -> "
+                  f"{ms['bfloat16 aggregate']:7.1f} ms ({run['aggregate_bfloat16_vs_exact']:.2f} x)"
+                  f"   step {ms['exact step']:7.1f} -> {ms['bfloat16 step']:7.1f} ms "
+                  f"({run['step_bfloat16_vs_exact']:.2f} x)")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-params", type=_positive_int, metavar="N",
                         help="train on synthetic data with a model of about N parameters")
     parser.add_argument("--fusion-threshold-bytes", type=int, default=None)
+    parser.add_argument("--compression", choices=["bfloat16"], default=None,
+                        help="send summed float32 gradients as bfloat16 (half the bytes, "
+                             "lossy; pays on slow links)")
     parser.add_argument("--quiet", action="store_true", help="only the final line")
     args = parser.parse_args(argv)
     if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = {} if args.fusion_threshold_bytes is None else \
         {"fusion_threshold_bytes": args.fusion_threshold_bytes}
-    strategy = MPIStrategy(**options)
+    strategy = MPIStrategy(compression=args.compression, **options)
     rank, replicas = strategy.rank, strategy.num_replicas_in_sync
     report = _Reporter(args, rank)
     data, layer_sizes = _dataset(args)

@@ -1,18 +1,14 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.netns import mpirun_path
+
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = Path(__file__).resolve().parent / "programs"
-
-
-def mpirun_path() -> str | None:
-    return shutil.which("mpirun", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                        os.environ.get("PATH", "")]))
 
 
 @pytest.fixture

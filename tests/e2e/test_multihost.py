@@ -6,69 +6,24 @@ which would otherwise keep training). Needs root; skipped elsewhere.
 """
 
 import os
-import shutil
 import subprocess
-import sys
 import time
-import uuid
 
 import pytest
 
-from tests.e2e.conftest import ROOT, mpirun_path
+from tests import netns
+from tests.e2e.conftest import ROOT
 from tests.e2e.test_training import final_line
+from tests.netns import Hosts, ip
 
 pytestmark = pytest.mark.slow
 
 
-def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-class Hosts:
-    """Two namespaces ("hosts") on a private bridge: 10.231.<n>.10 and .11."""
-
-    def __init__(self, count=2):
-        tag = uuid.uuid4().hex[:5]
-        self.bridge = f"dsgd{tag}br"
-        self.names = [f"dsgd{tag}h{i}" for i in range(count)]
-        self.links = [f"dsgd{tag}v{i}" for i in range(count)]
-        subnet = f"10.231.{int(tag, 16) % 250}"
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{subnet}.254/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
-        for i, (name, link) in enumerate(zip(self.names, self.links, strict=True)):
-            _ip("netns", "add", name)
-            _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
-            _ip("link", "set", link, "master", self.bridge)
-            _ip("link", "set", link, "up")
-            _ip("-n", name, "addr", "add", f"{subnet}.{10 + i}/24", "dev", "eth0")
-            _ip("-n", name, "link", "set", "eth0", "up")
-            _ip("-n", name, "link", "set", "lo", "up")
-
-    def pids(self, host):
-        return [int(p) for p in _ip("netns", "pids", self.names[host]).stdout.split()]
-
-    def remove(self):
-        for name in self.names:
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                subprocess.run(["kill", "-9", pid], check=False)
-            _ip("netns", "del", name, check=False)
-        _ip("link", "del", self.bridge, check=False)
-
-    def mpiexec(self, ranks_per_host, *args):
-        hosts = ",".join(f"{name}:{ranks_per_host}" for name in self.names)
-        return [mpirun_path(), "-launcher", "ssh", "-launcher-exec",
-                str(ROOT / "launch" / "netns-exec"), "-iface", self.bridge,
-                "-genv", "UCX_TLS", "tcp,self", "-genv", "FI_PROVIDER", "tcp", "-hosts", hosts,
-                "-n", str(ranks_per_host * len(self.names)), sys.executable, *map(str, args)]
-
-
 @pytest.fixture
 def hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2's ip")
-    if mpirun_path() is None:
-        pytest.skip("mpirun not found")
+    reason = netns.available()
+    if reason is not None:
+        pytest.skip(reason)
     try:
         made = Hosts()
     except subprocess.CalledProcessError as error:
@@ -153,7 +108,7 @@ def jobs():
 def test_cutting_a_hosts_link_ends_the_job_naming_the_rank(hosts, tmp_path, jobs):
     job = _start_long_run(hosts, tmp_path)
     jobs.append(job)
-    _ip("link", "set", hosts.links[1], "down")
+    ip("link", "set", hosts.links[1], "down")
     seconds = _wait_for_ranks_to_end(hosts, job)
     stdout, stderr = _finish(job)
     print(f"link cut: every rank ended {seconds:.1f} s after the cut")

@@ -112,3 +112,11 @@ def test_plot_command_writes_a_png(tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.frombuffer(out.read_bytes()[16:24], dtype=">u4").tolist() == [1000, 400]
+
+
+def test_bfloat16_transport_trains_as_well_as_exact_transport(mpirun):
+    common = ("-m", "distsgd.train", "--epochs", "5", "--quiet")
+    exact = final_line(mpirun(2, *common))
+    compressed = final_line(mpirun(2, *common, "--compression", "bfloat16"))
+    assert compressed[3] != exact[3]  # the gradients did travel rounded
+    assert compressed[0] >= exact[0] - 0.02 and compressed[1:3] == exact[1:3]
