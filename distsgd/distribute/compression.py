@@ -85,24 +85,27 @@ def _build(jit: Callable[..., Any]) -> tuple[Callable[..., None], Callable[..., 
     return round_to_bfloat16, widen_bfloat16
 
 
+def _kernels() -> tuple[Callable[[np.ndarray, np.ndarray], None],
+                        Callable[[np.ndarray, np.ndarray], None]]:
+    """(round, widen) over float32 / bfloat16-bits arrays: numba's loops, else numpy's."""
+    fused = compiled("bfloat16", _build)
+    if fused is None:
+        return _round_numpy, _widen_numpy
+    round_bits, widen_bits = fused
+    return (lambda source, out: round_bits(source.view(np.uint32), out),
+            lambda source, out: widen_bits(source, out.view(np.uint32)))
+
+
 def round_to_bfloat16_(source: np.ndarray, out: np.ndarray) -> None:
     """Write the bfloat16 bits (``uint16``) of float32 ``source`` into ``out``: round to
     nearest, ties to even; infinities stay, a NaN stays a NaN, too-large values become
     infinities. Both 1-D, C-contiguous, the same size."""
-    fused = compiled("bfloat16", _build)
-    if fused is None:
-        _round_numpy(source, out)
-    else:
-        fused[0](source.view(np.uint32), out)
+    _kernels()[0](source, out)
 
 
 def widen_bfloat16_(source: np.ndarray, out: np.ndarray) -> None:
     """Write the float32 values of bfloat16 bits ``source`` into ``out`` (exact)."""
-    fused = compiled("bfloat16", _build)
-    if fused is None:
-        _widen_numpy(source, out)
-    else:
-        fused[1](source, out.view(np.uint32))
+    _kernels()[1](source, out)
 
 
 @functools.lru_cache(maxsize=256)
@@ -117,21 +120,22 @@ def allreduce_bfloat16_(communicator: Any, buffer: np.ndarray, send: np.ndarray 
                         scratch: ScratchBuffers, what: Any = "") -> None:
     """Sum float32 ``buffer`` (or ``send``, into ``buffer``) over all ranks, travelling as
     bfloat16 (see the module's docstring); ``scratch`` holds the wire buffers."""
+    round_, widen_ = _kernels()
     elements, size, rank = buffer.size, communicator.size, communicator.rank
     counts = shard_counts(elements, size)
     mine = counts[rank]
     start = counts[0] * rank  # every shard before this rank's is full
     wire = scratch.get(np.dtype(np.uint16), elements, 0)
-    round_to_bfloat16_(buffer if send is None else send, wire)
+    round_(buffer if send is None else send, wire)
     rows = scratch.get(np.dtype(np.uint16), size * mine, 1)
     communicator.alltoallv_(wire, counts, rows, (mine,) * size, what)
     total = buffer[start:start + mine]  # this rank's shard of the result
     addend = scratch.get(np.dtype(np.float32), mine, 2)
-    widen_bfloat16_(rows[:mine], total)
+    widen_(rows[:mine], total)
     for q in range(1, size):  # float32, in rank order
-        widen_bfloat16_(rows[q * mine:(q + 1) * mine], addend)
+        widen_(rows[q * mine:(q + 1) * mine], addend)
         np.add(total, addend, out=total)
     shard = scratch.get(np.dtype(np.uint16), mine, 3)
-    round_to_bfloat16_(total, shard)
+    round_(total, shard)
     communicator.allgatherv_(shard, wire, counts, what)
-    widen_bfloat16_(wire, buffer)
+    widen_(wire, buffer)
