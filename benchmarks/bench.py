@@ -64,6 +64,18 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
+def resnet50_gradients(seed: int) -> list[np.ndarray]:
+    """Random float32 gradients of ResNet-50's shapes (small, as gradients are)."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in resnet50_shapes()]
+
+
+def zero_variables(shapes: list[tuple[int, ...]]) -> list[distsgd.Variable]:
+    """float32 zeros named v0, v1, ... (made in the caller's strategy scope)."""
+    return [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
+            for i, s in enumerate(shapes)]
+
+
 class Timings:
     """Seconds per call, one sample per round and candidate (candidates interleaved).
 
@@ -147,14 +159,12 @@ def streaming_add(total: int, threads: int):
 
 
 def bench_update() -> dict:
-    rng = np.random.default_rng(0)
     shapes = resnet50_shapes()
     total = sum(int(np.prod(s)) for s in shapes)
-    grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    grads = resnet50_gradients(0)
     threads = kernels.default_num_threads()
     def make(**kwargs):
-        variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
-                     for i, s in enumerate(shapes)]
+        variables = zero_variables(shapes)
         opt = SGD(0.01, **kwargs)
         pairs = list(zip(grads, variables, strict=True))
         return lambda: opt.apply_gradients(pairs)
@@ -205,7 +215,7 @@ def bench_small() -> dict:
     rng = np.random.default_rng(1)
     count, size = 2000, 64
     def make(shapes, buffer=False):
-        variables = [distsgd.Variable(np.zeros(s, np.float32)) for s in shapes]
+        variables = zero_variables(shapes)
         opt = SGD(0.01, momentum=0.9)
         if buffer:
             grads = distsgd.GradientBuffer(variables)
@@ -261,16 +271,13 @@ def bench_aggregate() -> dict | None:
     comm = strategy.communicator._comm
     rank, size = comm.Get_rank(), comm.Get_size()
     shapes = resnet50_shapes()
-    rng = np.random.default_rng(rank)
-    grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    grads = resnet50_gradients(rank)
     flat = np.concatenate([g.reshape(-1) for g in grads])
     work = flat.copy()
     with strategy.scope():
-        variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
-                     for i, s in enumerate(shapes)]
+        variables = zero_variables(shapes)
         opt = SGD(0.01, momentum=0.9)
-        buffered = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
-                    for i, s in enumerate(shapes)]
+        buffered = zero_variables(shapes)
         buffered_opt = SGD(0.01, momentum=0.9)
     buffer = distsgd.GradientBuffer(buffered)
     pairs = list(zip(grads, variables, strict=True))
@@ -351,14 +358,11 @@ def bench_transport() -> dict | None:
 
     strategies = {"exact": MPIStrategy(), "bfloat16": MPIStrategy(compression="bfloat16")}
     comm = strategies["exact"].communicator._comm
-    shapes = resnet50_shapes()
-    rng = np.random.default_rng(comm.Get_rank())
-    grads = [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes]
+    grads = resnet50_gradients(comm.Get_rank())
     candidates = {}
     for name, strategy in strategies.items():
         with strategy.scope():
-            variables = [distsgd.Variable(np.zeros(s, np.float32), name=f"v{i}")
-                         for i, s in enumerate(shapes)]
+            variables = zero_variables(resnet50_shapes())
             opt = SGD(0.01, momentum=0.9)
         pairs = list(zip(grads, variables, strict=True))
         candidates[f"{name} aggregate"] = functools.partial(
@@ -437,7 +441,7 @@ def bench_memory(form: str) -> dict | None:
     baseline = _rss_kib("VmRSS")
     rng = np.random.default_rng(comm.Get_rank())
     with strategy.scope():
-        variables = [distsgd.Variable(np.zeros(s, np.float32)) for s in shapes]
+        variables = zero_variables(shapes)
         opt = SGD(0.01, momentum=0.9)
     if form == "buffer":
         buffer = distsgd.GradientBuffer(variables)
