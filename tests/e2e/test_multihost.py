@@ -41,10 +41,12 @@ def _env(**extra):
 TRAIN = ["-m", "distsgd.train", "--epochs", "3", "--quiet", "--seed", "5"]
 
 
-def test_two_hosts_train_to_the_same_digest_as_one_host(hosts, mpirun):
-    across = subprocess.run(hosts.mpiexec(1, *TRAIN), capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=_env())
-    one_host = mpirun(2, *TRAIN)
+@pytest.mark.parametrize("transport", [(), ("--compression", "bfloat16")],
+                         ids=["exact", "bfloat16"])
+def test_two_hosts_train_to_the_same_digest_as_one_host(hosts, mpirun, transport):
+    across = subprocess.run(hosts.mpiexec(1, *TRAIN, *transport), capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=_env())
+    one_host = mpirun(2, *TRAIN, *transport)
     assert final_line(across) == final_line(one_host)
 
 
