@@ -31,6 +31,7 @@ import operator
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -396,7 +397,11 @@ def transport_runs() -> list[dict]:
     if reason is not None:
         print(f"transport across hosts skipped: {reason}", file=sys.stderr)
         return runs
-    for rate in (None, "4gbit", "1gbit"):
+    rates = (None, "4gbit", "1gbit")
+    if shutil.which("tc") is None:
+        print("transport over capped links skipped: iproute2's tc not found", file=sys.stderr)
+        rates = (None,)
+    for rate in rates:
         hosts = netns.Hosts()
         try:
             if rate is not None:
