@@ -6,7 +6,8 @@ no predivision is needed (float16 would need both). MPI has no bfloat16 sum, so 
 reduction is built from two buffer collectives, in the same order on every rank:
 
 1. every rank rounds its chunk to bfloat16 and sends shard ``r`` of it to rank ``r``
-   (``Alltoallv``; shards are ``ceil(n / size)`` elements, the last ones shorter);
+   (``Alltoallv``; the chunk is split as :func:`~distsgd.distribute.data.replica_share`
+   splits a batch: contiguous shards in rank order, sizes differing by at most one);
 2. rank ``r`` adds the copies of its shard in float32, in rank order, and rounds the
    sum to bfloat16;
 3. every rank gathers the rounded shards (``Allgatherv``) and widens them to float32.
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from distsgd.distribute.data import replica_share
 from distsgd.kernels import ScratchBuffers, compiled
 
 __all__ = ["COMPRESSIONS", "allreduce_bfloat16_", "check_compression", "round_to_bfloat16_",
@@ -110,10 +112,9 @@ def widen_bfloat16_(source: np.ndarray, out: np.ndarray) -> None:
 
 @functools.lru_cache(maxsize=256)
 def shard_counts(elements: int, size: int) -> tuple[int, ...]:
-    """Elements of each rank's shard of an ``elements``-long chunk: ``ceil(elements /
-    size)`` each, in order, the last ones shorter (possibly empty)."""
-    shard = -(-elements // size)
-    return tuple(min(shard, max(0, elements - r * shard)) for r in range(size))
+    """Elements of each rank's shard of an ``elements``-long chunk (``replica_share``)."""
+    shares = (replica_share(elements, r, size) for r in range(size))
+    return tuple(share.stop - share.start for share in shares)
 
 
 def allreduce_bfloat16_(communicator: Any, buffer: np.ndarray, send: np.ndarray | None,
@@ -124,12 +125,11 @@ def allreduce_bfloat16_(communicator: Any, buffer: np.ndarray, send: np.ndarray 
     elements, size, rank = buffer.size, communicator.size, communicator.rank
     counts = shard_counts(elements, size)
     mine = counts[rank]
-    start = counts[0] * rank  # every shard before this rank's is full
     wire = scratch.get(np.dtype(np.uint16), elements, 0)
     round_(buffer if send is None else send, wire)
     rows = scratch.get(np.dtype(np.uint16), size * mine, 1)
     communicator.alltoallv_(wire, counts, rows, (mine,) * size, what)
-    total = buffer[start:start + mine]  # this rank's shard of the result
+    total = buffer[replica_share(elements, rank, size)]  # this rank's shard of the result
     addend = scratch.get(np.dtype(np.float32), mine, 2)
     widen_(rows[:mine], total)
     for q in range(1, size):  # float32, in rank order
