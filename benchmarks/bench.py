@@ -116,7 +116,8 @@ class Timings:
 
 def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
           sync=lambda: None, number: int = 1) -> Timings:
-    """Time candidates interleaved round by round.
+    """Time candidates interleaved round by round, in a new random order each round (the
+    same on every rank), so no candidate always inherits the caches another one left.
 
     A candidate is a function, or ``(setup, function)`` with an untimed ``setup()``
     before each sample; ``sync()`` runs untimed before every sample (a barrier: no
@@ -130,8 +131,12 @@ def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
             setup()
             function()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(pairs)
+    order = np.random.default_rng(0)  # the same order on every rank (collectives match)
     for _ in range(rounds):
-        for name, (setup, function) in pairs.items():
+        for index in order.permutation(len(names)):
+            name = names[index]
+            setup, function = pairs[name]
             setup()
             sync()
             start = time.perf_counter()
