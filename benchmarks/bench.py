@@ -131,12 +131,11 @@ def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
             setup()
             function()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    names = list(pairs)
+    entries = list(pairs.items())
     order = np.random.default_rng(0)  # the same order on every rank (collectives match)
     for _ in range(rounds):
-        for index in order.permutation(len(names)):
-            name = names[index]
-            setup, function = pairs[name]
+        for index in order.permutation(len(entries)):
+            name, (setup, function) = entries[index]
             setup()
             sync()
             start = time.perf_counter()
