@@ -271,9 +271,9 @@ def bench_small() -> dict:
 
 
 #: Separate mpirun launches of the aggregation part, pooled. Which raw chunk size wins
-#: is a property of the launch (where the buffers land in physical memory): within one
-#: launch the ratio of raw 16 MiB to 4 MiB chunks holds steady from quarter to quarter
-#: of the rounds, while between launches it moved from 0.97 to 1.21 on the CI machine.
+#: is a property of the launch: within one launch the ratio of raw 16 MiB to 4 MiB
+#: chunks holds steady from quarter to quarter of the rounds, while between launches it
+#: moved from 0.97 to 1.21 on the CI machine (see the README for what seems to decide).
 AGGREGATE_LAUNCHES = 3
 
 
