@@ -445,15 +445,12 @@ def transport_runs() -> list[dict]:
         try:
             if rate is not None:
                 hosts.limit_rate(rate)
-            result = subprocess.run(hosts.mpiexec(1, __file__, "transport", "--json-stdout"),
-                                    capture_output=True, text=True, timeout=900, cwd=ROOT,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+            link = "TCP between 2 hosts, veth" + ("" if rate is None else f" capped at {rate}")
+            runs.append({"link": link, **_json_result(
+                hosts.mpiexec(1, __file__, "transport", "--json-stdout"),
+                "transport across hosts", cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})})
         finally:
             hosts.remove()
-        if result.returncode != 0:
-            raise SystemExit(f"transport across hosts failed:\n{result.stderr[-3000:]}")
-        link = "TCP between 2 hosts, veth" + ("" if rate is None else f" capped at {rate}")
-        runs.append({"link": link, **json.loads(result.stdout.strip().splitlines()[-1])})
     return runs
 
 
@@ -527,12 +524,16 @@ def bench_memory(form: str) -> dict | None:
 
 
 def run_under_mpirun(ranks: int, part: str, *extra: str) -> dict:
-    result = subprocess.run(["mpirun", "-n", str(ranks), sys.executable, __file__, part,
-                             *extra, "--json-stdout"], capture_output=True, text=True,
-                            timeout=900,
-                            env={**os.environ, "DISTSGD_NUM_THREADS": "1"})
+    return _json_result(["mpirun", "-n", str(ranks), sys.executable, __file__, part, *extra,
+                         "--json-stdout"], f"mpirun -n {ranks} {part}",
+                        env={**os.environ, "DISTSGD_NUM_THREADS": "1"})
+
+
+def _json_result(command: list[str], what: str, **kwargs) -> dict:
+    """Run a benchmark child (``--json-stdout``) and return the JSON line it printed last."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
     if result.returncode != 0:
-        raise SystemExit(f"mpirun -n {ranks} {part} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

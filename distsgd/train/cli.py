@@ -29,6 +29,7 @@ from distsgd.checkpoint import (
     state_digest,
 )
 from distsgd.distribute import MPIStrategy, ShardedBatches, replica_share
+from distsgd.distribute.compression import COMPRESSIONS
 from distsgd.optimizers import SGD
 from distsgd.timeline import timeline
 from distsgd.train.data import Dataset, digits, synthetic
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-params", type=_positive_int, metavar="N",
                         help="train on synthetic data with a model of about N parameters")
     parser.add_argument("--fusion-threshold-bytes", type=int, default=None)
-    parser.add_argument("--compression", choices=["bfloat16"], default=None,
+    parser.add_argument("--compression", choices=[c for c in COMPRESSIONS if c], default=None,
                         help="send summed float32 gradients as bfloat16 (half the bytes, "
                              "lossy; pays on slow links)")
     parser.add_argument("--quiet", action="store_true", help="only the final line")
