@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,16 +51,22 @@ from distsgd.distribute.fusion import (
     plan_chunks,
     stream_chunks,
 )
+from distsgd.distribute.tuning import ChunkSizeTuner
 from distsgd.indexed_slices import IndexedSlices, to_dense
 from distsgd.kernels import ScratchBuffers
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
-__all__ = ["AggregationPlan", "GradientAggregator", "MismatchError", "route_of"]
+__all__ = ["AUTO", "AUTO_CHUNK_CANDIDATES_BYTES", "AggregationPlan", "GradientAggregator",
+           "MismatchError", "route_of"]
 
 LOCAL, SUM, MEAN, FIRST = "local", "sum", "mean", "first"
 _NONE, _DENSE, _SPARSE = 0, 1, 2
 _FLOAT32 = np.dtype(np.float32)
 _DENSE_KINDS = np.zeros(0, dtype=np.uint8)  # stands for "all dense" in the flag check
+#: ``chunk_bytes="auto"``: see :class:`GradientAggregator`.
+AUTO = "auto"
+#: The chunk sizes ``"auto"`` chooses between where it measures.
+AUTO_CHUNK_CANDIDATES_BYTES = (DEFAULT_CHUNK_BYTES, 16 << 20)
 
 
 class MismatchError(ValueError):
@@ -163,25 +170,36 @@ class GradientAggregator:
         fusion_threshold_bytes: dense bucket size cap; 0 sends one buffer per tensor.
         sparse_as_dense: densify :class:`IndexedSlices` before reducing.
         chunk_bytes: dense buckets travel in messages of at most this many bytes
-            (default: the communicator's ``chunk_bytes``, else 4 MiB).
+            (default: the communicator's ``chunk_bytes``, else 4 MiB). ``"auto"``: 4 MiB,
+            except where a measured choice costs nothing: an aggregation that keeps
+            all its results (:meth:`aggregate`; no chunk buffer, so no memory depends
+            on the size) between exactly two ranks (every element's sum is then
+            ``a + b``, which IEEE addition makes independent of how the message is
+            cut, so the bits cannot change) times 4 and 16 MiB chunks on its first
+            calls and keeps the faster (:class:`~distsgd.distribute.tuning.ChunkSizeTuner`).
+            Streamed steps keep 4 MiB: each reduced chunk is updated while in cache,
+            and its buffer's size is memory the step holds.
         compression: ``"bfloat16"``: summed float32 gradients travel as bfloat16
             (:mod:`~distsgd.distribute.compression`); None: exactly.
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
-                 sparse_as_dense: bool, chunk_bytes: int | None = None,
+                 sparse_as_dense: bool, chunk_bytes: int | str | None = None,
                  compression: str | None = None) -> None:
         self.communicator = communicator
         self.compression = check_compression(compression)
         self.fusion_threshold_bytes = fusion_threshold_bytes
         self.sparse_as_dense = sparse_as_dense
-        self.chunk_bytes = int(chunk_bytes or getattr(communicator, "chunk_bytes", 0)
-                               or DEFAULT_CHUNK_BYTES)
+        self.auto_chunks = chunk_bytes == AUTO
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES if self.auto_chunks else \
+            int(chunk_bytes or getattr(communicator, "chunk_bytes", 0) or DEFAULT_CHUNK_BYTES)
         self.calls = 0
         # Bounded caches: programs that pass ever-new variable lists (or whose None
         # pattern keeps changing) must not accumulate signatures or plans.
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
         self._plans: OrderedDict[tuple[Any, ...], AggregationPlan] = OrderedDict()
+        # keyed by what crosses ranks (agreed), used in call order: alike on every rank
+        self._tuners: OrderedDict[tuple[Any, ...], ChunkSizeTuner] = OrderedDict()
         self._last_signature: tuple[Sequence[Variable], _Signature] | None = None
         self._results = ScratchBuffers()
         self._wire = ScratchBuffers()  # bfloat16 transport's buffers
@@ -355,9 +373,19 @@ class GradientAggregator:
                 start = used[bucket.dtype]
                 regions[bucket.index] = flats[bucket.dtype][start:start + bucket.size]
                 used[bucket.dtype] = start + bucket.size
-        stream_chunks([c for c in plan.chunks if c.bucket.route != LOCAL], grads,
-                      _ignore, reduce=functools.partial(self.reduce_chunk_, plan),
-                      out=lambda chunk: regions[chunk.bucket.index][chunk.start:chunk.stop])
+        tuner = self._tuner(plan)
+        chunk_bytes = self.chunk_bytes if tuner is None else \
+            tuner.chunk_bytes(self.communicator)
+        seconds = None
+        started = time.perf_counter()
+        try:
+            stream_chunks(self._kept_chunks(plan, chunk_bytes), grads, _ignore,
+                          reduce=functools.partial(self.reduce_chunk_, plan),
+                          out=lambda chunk: regions[chunk.bucket.index][chunk.start:chunk.stop])
+            seconds = time.perf_counter() - started
+        finally:
+            if tuner is not None:
+                tuner.record(seconds)
         for index, region in regions.items():
             bucket = plan.buckets[index]
             for entry, view in zip(bucket.entries, bucket.views(region), strict=True):
@@ -365,6 +393,39 @@ class GradientAggregator:
         for position, slices in self.gather_sparse(plan, grads, variables).items():
             result[position] = slices
         return [None if kind is None else g for g, kind in zip(result, plan.kinds, strict=True)]
+
+    def _kept_chunks(self, plan: AggregationPlan, chunk_bytes: int) -> list[Chunk]:
+        """The plan's chunks that cross ranks, cut at ``chunk_bytes`` (made once)."""
+        key = ("kept chunks", chunk_bytes)
+        chunks = plan.user_data.get(key)
+        if chunks is None:
+            chunks = plan.chunks if chunk_bytes == self.chunk_bytes else \
+                plan_chunks(plan.buckets, chunk_bytes)
+            chunks = plan.user_data[key] = [c for c in chunks if c.bucket.route != LOCAL]
+        return chunks
+
+    def _tuner(self, plan: AggregationPlan) -> ChunkSizeTuner | None:
+        """The chunk size tuner of the plan's messages, or None where none is tuned
+        (a fixed size, not two ranks, or no bucket the candidates would cut apart)."""
+        key = plan.user_data.get("tuning key", False)
+        if key is False:
+            sizes = tuple((b.dtype.str, b.route, b.size) for b in plan.buckets
+                          if b.route != LOCAL)
+            key = plan.user_data["tuning key"] = sizes if (
+                self.auto_chunks and self.communicator.size == 2
+                and any(b.route != LOCAL and b.nbytes > min(AUTO_CHUNK_CANDIDATES_BYTES)
+                        for b in plan.buckets)) else None
+        if key is None:
+            return None
+        tuner = _lookup(self._tuners, key)
+        if tuner is None:
+            tuner = ChunkSizeTuner(AUTO_CHUNK_CANDIDATES_BYTES)
+            _store(self._tuners, key, tuner, _PLANS_KEPT)
+        return tuner
+
+    def chosen_chunk_bytes(self) -> list[int]:
+        """The chunk size each tuned aggregation chose (the least recently used first)."""
+        return [t.chosen for t in self._tuners.values() if t.chosen is not None]
 
     def gather_sparse(self, plan: AggregationPlan, grads: Sequence[Any],
                       variables: Sequence[Variable]) -> dict[int, IndexedSlices]:
