@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import distsgd  # noqa: E402
 from distsgd import kernels  # noqa: E402
+from distsgd.distribute.aggregation import AUTO_TRIAL_CALLS  # noqa: E402
 from distsgd.optimizers import SGD  # noqa: E402
 
 
@@ -355,11 +356,14 @@ def bench_aggregate() -> dict | None:
                   "distsgd aggregate + update": full_step,
                   "distsgd aggregate + update, GradientBuffer": (backward_into_buffer,
                                                                   buffer_step)}
+    aggregator = strategy._gradient_aggregator()
+    for _ in range(AUTO_TRIAL_CALLS + 1):  # "auto" chooses its chunk size (at 2 ranks)
+        aggregate_only()
+    chunk_bytes = (aggregator.chosen_chunk_bytes() or [aggregator.chunk_bytes])[0]
     times = timed(candidates, rounds=21, sync=comm.Barrier).slowest_rank(comm)
     if rank != 0:
         return None
-    return {"ranks": size,
-            "same_chunks": f"raw chunks of {strategy.allreduce_chunk_bytes // 4 >> 10} Ki",
+    return {"ranks": size, "same_chunks": f"raw chunks of {chunk_bytes // 4 >> 10} Ki",
             "samples": {name: values.tolist() for name, values in times.samples.items()}}
 
 
@@ -376,19 +380,24 @@ def aggregate_ratios(times: Timings, same_chunks: str) -> dict:
             "aggregate_vs_raw_same_chunks": times.ratio("distsgd aggregate", same_chunks)}
 
 
+#: Each launch's raw chunks of the size distsgd's aggregation used there.
+SAME_CHUNKS = "raw Allreduce of distsgd's chunk size"
+
+
 def summarize_aggregate(launches: list[dict]) -> dict:
     """Pool the rounds of separate launches (each round's ratio stays within its launch)
     and keep each launch's own figures too."""
-    names = launches[0]["samples"]
-    pooled = Timings({name: np.concatenate([launch["samples"][name] for launch in launches])
-                      for name in names})
-    same = launches[0]["same_chunks"]
-    per_launch = [aggregate_ratios(Timings({k: np.array(v) for k, v in launch["samples"].items()}),
-                                   same) for launch in launches]
+    samples = [{**launch["samples"], SAME_CHUNKS: launch["samples"][launch["same_chunks"]]}
+               for launch in launches]
+    pooled = Timings({name: np.concatenate([s[name] for s in samples]) for name in samples[0]})
+    per_launch = [aggregate_ratios(Timings({k: np.array(v) for k, v in s.items()}), SAME_CHUNKS)
+                  for s in samples]
     return {"ranks": launches[0]["ranks"], "launches": len(launches),
-            "rounds": len(pooled.samples[same]), "ms": pooled.ms,
-            **aggregate_ratios(pooled, same),
-            "per_launch": {key: [row[key] for row in per_launch] for key in per_launch[0]}}
+            "rounds": len(pooled.samples[SAME_CHUNKS]),
+            "ms": {k: v for k, v in pooled.ms.items() if k != SAME_CHUNKS},
+            **aggregate_ratios(pooled, SAME_CHUNKS),
+            "per_launch": {"distsgd_chunks": [launch["same_chunks"] for launch in launches],
+                           **{key: [row[key] for row in per_launch] for key in per_launch[0]}}}
 
 
 def bench_transport() -> dict | None:
@@ -683,8 +692,10 @@ def report(results: dict) -> None:
                   f"({a['aggregate_vs_raw_same_chunks']:.2f} against raw chunks of its size)")
             each = a["per_launch"]
             print("  launch by launch: aggregate / best raw = " + ", ".join(
-                f"{r:.2f} ({best.removeprefix('raw chunks of ')})" for r, best in
-                zip(each["aggregate_vs_best_raw_chunks"], each["best_raw_chunks"], strict=True))
+                f"{r:.2f} ({best.removeprefix('raw chunks of ')}; distsgd "
+                f"{mine.removeprefix('raw chunks of ')})" for r, best, mine in
+                zip(each["aggregate_vs_best_raw_chunks"], each["best_raw_chunks"],
+                    each["distsgd_chunks"], strict=True))
                 + "; full step / (whole + loop) = " + ", ".join(
                 f"{r:.2f}" for r in each["full_step_vs_whole_plus_loop"]))
     if "memory" in results:

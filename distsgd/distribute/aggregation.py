@@ -51,13 +51,13 @@ from distsgd.distribute.fusion import (
     plan_chunks,
     stream_chunks,
 )
-from distsgd.distribute.tuning import ChunkSizeTuner
+from distsgd.distribute.tuning import TIMED_ROUNDS, ChunkSizeTuner
 from distsgd.indexed_slices import IndexedSlices, to_dense
 from distsgd.kernels import ScratchBuffers
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
-__all__ = ["AUTO", "AUTO_CHUNK_CANDIDATES_BYTES", "AggregationPlan", "GradientAggregator",
-           "MismatchError", "route_of"]
+__all__ = ["AUTO", "AUTO_CHUNK_CANDIDATES_BYTES", "AUTO_TRIAL_CALLS", "AggregationPlan",
+           "GradientAggregator", "MismatchError", "route_of"]
 
 LOCAL, SUM, MEAN, FIRST = "local", "sum", "mean", "first"
 _NONE, _DENSE, _SPARSE = 0, 1, 2
@@ -67,6 +67,8 @@ _DENSE_KINDS = np.zeros(0, dtype=np.uint8)  # stands for "all dense" in the flag
 AUTO = "auto"
 #: The chunk sizes ``"auto"`` chooses between where it measures.
 AUTO_CHUNK_CANDIDATES_BYTES = (DEFAULT_CHUNK_BYTES, 16 << 20)
+#: Calls of a tuned aggregation that try sizes (the next one chooses, see ``tuning``).
+AUTO_TRIAL_CALLS = len(AUTO_CHUNK_CANDIDATES_BYTES) * (1 + TIMED_ROUNDS)
 
 
 class MismatchError(ValueError):

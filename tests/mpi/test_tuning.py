@@ -8,8 +8,8 @@ import distsgd
 from distsgd import VariableAggregation as Agg
 from distsgd import VariableSynchronization as Sync
 from distsgd.distribute import MPIStrategy
-from distsgd.distribute.aggregation import AUTO_CHUNK_CANDIDATES_BYTES
-from distsgd.distribute.tuning import TIMED_ROUNDS, ChunkSizeTuner
+from distsgd.distribute.aggregation import AUTO_CHUNK_CANDIDATES_BYTES, AUTO_TRIAL_CALLS
+from distsgd.distribute.tuning import ChunkSizeTuner
 from distsgd.optimizers import SGD
 from tests.mpi.conftest import assert_replicas_identical
 
@@ -20,8 +20,7 @@ LAYOUT = [((1_500_000,), np.float32, Sync.AUTO, Agg.SUM), ((1000,), np.float32, 
           ((1_200_000,), np.float32, Sync.AUTO, Agg.MEAN),
           ((300_000,), np.float32, Sync.AUTO, Agg.ONLY_FIRST_REPLICA),
           ((700_000,), np.float64, Sync.AUTO, Agg.SUM)]
-CALLS_TO_DECIDE = len(AUTO_CHUNK_CANDIDATES_BYTES) * (1 + TIMED_ROUNDS)
-CALLS = CALLS_TO_DECIDE + 3
+CALLS = AUTO_TRIAL_CALLS + 3
 
 
 def _variables():
@@ -81,11 +80,11 @@ def test_two_ranks_try_both_sizes_then_keep_one_choice_on_every_rank(runs):
     assert len(set(strategy.communicator.allgather_object(chosen[0]))) == 1
     # the trials used each candidate's chunks (the sizes differ in message count) ...
     tried = {size for size, counts in per_size.items()
-             for call in range(CALLS_TO_DECIDE) if auto[call] == counts[call]}
+             for call in range(AUTO_TRIAL_CALLS) if auto[call] == counts[call]}
     assert tried == set(AUTO_CHUNK_CANDIDATES_BYTES)
     # ... the next call agreed on the choice (one more collective), then it stands
-    assert auto[CALLS_TO_DECIDE] == per_size[chosen[0]][CALLS_TO_DECIDE] + 1
-    assert auto[CALLS_TO_DECIDE + 1:] == per_size[chosen[0]][CALLS_TO_DECIDE + 1:]
+    assert auto[AUTO_TRIAL_CALLS] == per_size[chosen[0]][AUTO_TRIAL_CALLS] + 1
+    assert auto[AUTO_TRIAL_CALLS + 1:] == per_size[chosen[0]][AUTO_TRIAL_CALLS + 1:]
 
 
 def test_every_rank_makes_the_slowest_ranks_choice():

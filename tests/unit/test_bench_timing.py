@@ -35,18 +35,19 @@ def test_same_order_in_every_process_and_a_new_order_each_round() -> None:
 
 
 def test_aggregation_launches_are_pooled_round_by_round() -> None:
-    def launch(raw1, raw4, raw16, distsgd):  # milliseconds, two rounds each
+    def launch(raw1, raw4, raw16, distsgd, mine):  # milliseconds, two rounds each
         samples = {"whole-buffer Allreduce + numpy loop": [100, 100],
                    "raw chunks of 256 Ki": raw1, "raw chunks of 1024 Ki": raw4,
                    "raw chunks of 4096 Ki": raw16, "distsgd aggregate": distsgd,
                    "distsgd aggregate + update": [50, 50],
                    "distsgd aggregate + update, GradientBuffer": [40, 40]}
-        return {"ranks": 2, "same_chunks": "raw chunks of 1024 Ki",
+        return {"ranks": 2, "same_chunks": f"raw chunks of {mine} Ki",
                 "samples": {k: [v / 1e3 for v in values] for k, values in samples.items()}}
 
     # 16 MiB chunks win the first launch, 4 MiB the second; over both, 4 MiB is best
-    summary = summarize_aggregate([launch([50, 50], [42, 42], [40, 40], [44, 44]),
-                                   launch([50, 50], [40, 40], [46, 46], [42, 42])])
+    # distsgd used the chunk size that won each launch
+    summary = summarize_aggregate([launch([50, 50], [42, 42], [40, 40], [44, 44], 4096),
+                                   launch([50, 50], [40, 40], [46, 46], [42, 42], 1024)])
     assert summary["launches"] == 2 and summary["rounds"] == 4
     assert summary["per_launch"]["best_raw_chunks"] == ["raw chunks of 4096 Ki",
                                                         "raw chunks of 1024 Ki"]
@@ -55,3 +56,9 @@ def test_aggregation_launches_are_pooled_round_by_round() -> None:
     # the median of the four rounds' ratios 44/42, 44/42, 42/40, 42/40
     assert summary["aggregate_vs_best_raw_chunks"] == pytest.approx((44 / 42 + 42 / 40) / 2)
     assert summary["full_step_vs_whole_plus_loop"] == pytest.approx(0.5)
+    # against raw chunks of its own size, launch by launch: 44/40, then 42/40
+    assert summary["per_launch"]["distsgd_chunks"] == ["raw chunks of 4096 Ki",
+                                                       "raw chunks of 1024 Ki"]
+    assert summary["per_launch"]["aggregate_vs_raw_same_chunks"] == pytest.approx([1.1, 1.05])
+    assert summary["aggregate_vs_raw_same_chunks"] == pytest.approx((1.1 + 1.05) / 2)
+    assert "raw Allreduce of distsgd's chunk size" not in summary["ms"]
