@@ -1,7 +1,7 @@
 """Choosing the allreduce chunk size of an aggregation by timing its first calls.
 
 Which chunk size MPI reduces fastest is a property of the machine and of the launch: on
-the CI machine raw ``Allreduce`` of 16 MiB chunks took 0.88-1.24x the time of 4 MiB
+the CI machine raw ``Allreduce`` of 16 MiB chunks took 0.88-1.21x the time of 4 MiB
 chunks from one ``mpirun`` to the next, steady within each (``benchmarks/``, part
 ``aggregate``). So no fixed size is right everywhere, and a :class:`ChunkSizeTuner`
 measures instead:
