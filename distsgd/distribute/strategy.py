@@ -306,7 +306,7 @@ class MPIStrategy(Strategy):
         allreduce_chunk_bytes: large reductions go in chunks of this many bytes.
             ``"auto"`` (default): 4 MiB, except that an aggregation keeping all its
             results (steps that clip by norm or skip non-finite gradients) between two
-            ranks times 4 and 16 MiB on its first 8 calls and keeps the faster; the
+            ranks times 4 and 16 MiB on its first 16 calls and keeps the faster; the
             bits cannot change (see ``GradientAggregator``).
         sparse_as_dense: densify sparse gradients instead of gathering them.
         compression: ``"bfloat16"``: summed float32 gradients travel as bfloat16
