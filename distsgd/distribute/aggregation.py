@@ -409,14 +409,14 @@ class GradientAggregator:
     def _tuner(self, plan: AggregationPlan) -> ChunkSizeTuner | None:
         """The chunk size tuner of the plan's messages, or None where none is tuned
         (a fixed size, not two ranks, or no bucket the candidates would cut apart)."""
+        if not self.auto_chunks or self.communicator.size != 2:
+            return None
         key = plan.user_data.get("tuning key", False)
-        if key is False:
-            sizes = tuple((b.dtype.str, b.route, b.size) for b in plan.buckets
-                          if b.route != LOCAL)
-            key = plan.user_data["tuning key"] = sizes if (
-                self.auto_chunks and self.communicator.size == 2
-                and any(b.route != LOCAL and b.nbytes > min(AUTO_CHUNK_CANDIDATES_BYTES)
-                        for b in plan.buckets)) else None
+        if key is False:  # what crosses ranks: the same on every rank
+            crossing = [b for b in plan.buckets if b.route != LOCAL]
+            key = plan.user_data["tuning key"] = tuple(
+                (b.dtype.str, b.route, b.size) for b in crossing) if any(
+                b.nbytes > min(AUTO_CHUNK_CANDIDATES_BYTES) for b in crossing) else None
         if key is None:
             return None
         tuner = _lookup(self._tuners, key)
