@@ -358,22 +358,25 @@ def bench_aggregate() -> dict | None:
                   "distsgd aggregate + update": full_step,
                   "distsgd aggregate + update, GradientBuffer": (backward_into_buffer,
                                                                   buffer_step)}
-    def choose_chunk_size() -> None:
-        """"auto" chooses its chunk size (at 2 ranks) in the state the rounds run in.
-        In 8 one-off launches, chosen right after the set-up it picked the size that
-        then lost the rounds 5 times (3 times by 7-8%); chosen after every candidate's
-        warm-up, 2 times (by 1% and 4%)."""
-        for _ in range(AUTO_TRIAL_CALLS + 1):
-            aggregate_only()
-
     times = timed(candidates, rounds=21, sync=comm.Barrier,
-                  after_warmup=choose_chunk_size).slowest_rank(comm)
+                  after_warmup=lambda: choose_chunk_sizes(aggregate_only)).slowest_rank(comm)
     aggregator = strategy._gradient_aggregator()
     chunk_bytes = (aggregator.chosen_chunk_bytes() or [aggregator.chunk_bytes])[0]
     if rank != 0:
         return None
     return {"ranks": size, "same_chunks": f"raw chunks of {chunk_bytes // 4 >> 10} Ki",
             "samples": {name: values.tolist() for name, values in times.samples.items()}}
+
+
+def choose_chunk_sizes(*aggregations) -> None:
+    """Let each kept aggregation (a call) make its "auto" chunk size choice (at 2 ranks),
+    so the rounds time its steady state. Call it after every candidate's warm-up, in the
+    state the rounds run in: in 8 one-off launches, the choice made right after the
+    set-up picked the size that then lost the rounds 5 times (3 times by 7-8%), the choice
+    made after the warm-up 2 times (by 1% and 4%)."""
+    for aggregate in aggregations:
+        for _ in range(AUTO_TRIAL_CALLS + 1):
+            aggregate()
 
 
 def aggregate_ratios(times: Timings, same_chunks: str) -> dict:
@@ -427,7 +430,9 @@ def bench_transport() -> dict | None:
             _in_scope, strategy, strategy._aggregate_gradients, pairs)
         candidates[f"{name} step"] = functools.partial(_in_scope, strategy,
                                                        opt.apply_gradients, pairs)
-    times = timed(candidates, rounds=5, sync=comm.Barrier).slowest_rank(comm)
+    kept = [candidates[f"{name} aggregate"] for name in strategies]
+    times = timed(candidates, rounds=5, sync=comm.Barrier,
+                  after_warmup=lambda: choose_chunk_sizes(*kept)).slowest_rank(comm)
     from mpi4py import MPI
 
     hosts = len(set(comm.allgather(MPI.Get_processor_name())))  # every rank takes part
