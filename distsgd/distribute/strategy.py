@@ -76,6 +76,9 @@ class Strategy:
             (default) sends them exactly.
     """
 
+    #: the aggregation's chunk size (``MPIStrategy`` sets it; None: the communicator's)
+    allreduce_chunk_bytes: int | str | None = None
+
     def __init__(self, communicator: Any = None, *,
                  fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
                  sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
@@ -93,8 +96,6 @@ class Strategy:
         self.check_replicas_every_steps = int(check_replicas_every_steps)
         self.repair_replicas = repair_replicas
         self._aggregator: GradientAggregator | None = None
-        #: the aggregator's ``chunk_bytes`` (None: the communicator's)
-        self._aggregation_chunk_bytes: int | str | None = None
         self._applied_steps = 0
 
     # --- the communicator, made on first use --------------------------------------------
@@ -280,7 +281,7 @@ class Strategy:
             self._aggregator = GradientAggregator(
                 self.communicator, fusion_threshold_bytes=self.fusion_threshold_bytes,
                 sparse_as_dense=self.sparse_as_dense, compression=self.compression,
-                chunk_bytes=self._aggregation_chunk_bytes)
+                chunk_bytes=self.allreduce_chunk_bytes)
         return self._aggregator
 
     def _aggregate_gradients(self, pairs: list[tuple[Any, Variable]],
@@ -331,19 +332,18 @@ class MPIStrategy(Strategy):
                          sparse_as_dense=sparse_as_dense, compression=compression,
                          check_replicas_every_steps=check_replicas_every_steps,
                          repair_replicas=repair_replicas)
+        expected = f"{AUTO!r} or a number of bytes >= 1"
         if isinstance(allreduce_chunk_bytes, str):
             if allreduce_chunk_bytes != AUTO:
-                raise ValueError(f"allreduce_chunk_bytes={allreduce_chunk_bytes!r}; expected "
-                                 f"{AUTO!r} or a positive number of bytes")
+                raise ValueError(f"allreduce_chunk_bytes={allreduce_chunk_bytes!r}; "
+                                 f"expected {expected}")
         else:
-            check_number("allreduce_chunk_bytes", allreduce_chunk_bytes, low=1,
-                         what=f"{AUTO!r} or a number of bytes >= 1")
+            check_number("allreduce_chunk_bytes", allreduce_chunk_bytes, low=1, what=expected)
             allreduce_chunk_bytes = int(allreduce_chunk_bytes)
         if timeout_seconds is not None:
             check_number("timeout_seconds", timeout_seconds, low=1e-3)
         self._comm = comm
         self.allreduce_chunk_bytes = allreduce_chunk_bytes
-        self._aggregation_chunk_bytes = allreduce_chunk_bytes
         self.timeout_seconds = timeout_seconds
         self.abort_on_exception = abort_on_exception
 
