@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 
 import distsgd  # noqa: E402
 from distsgd import kernels  # noqa: E402
-from distsgd.distribute.aggregation import AUTO_TRIAL_CALLS  # noqa: E402
 from distsgd.optimizers import SGD  # noqa: E402
 
 
@@ -117,7 +116,7 @@ class Timings:
 
 
 def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
-          sync=lambda: None, number: int = 1, after_warmup=lambda: None) -> Timings:
+          sync=lambda: None, number: int = 1) -> Timings:
     """Time candidates interleaved round by round, in a new random order each round (the
     same on every rank), so no candidate always inherits the caches another one left.
 
@@ -125,7 +124,6 @@ def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
     before each sample; ``sync()`` runs untimed before every sample (a barrier: no
     rank's lag leaks into the next candidate's time). A sample is ``number`` calls in a
     row (steady state for sub-millisecond steps, as in a training loop).
-    ``after_warmup()`` runs once between the warm-up calls and the rounds.
     """
     pairs = {name: c if isinstance(c, tuple) else (lambda: None, c)
              for name, c in candidates.items()}
@@ -133,7 +131,6 @@ def timed(candidates: dict, rounds: int = 7, warmup: int = 2,
         for _ in range(warmup):
             setup()
             function()
-    after_warmup()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     entries = list(pairs.items())
     order = np.random.default_rng(0)  # the same order on every rank (collectives match)
@@ -334,20 +331,17 @@ def bench_aggregate() -> dict | None:
                 comm.Allreduce(MPI.IN_PLACE, work[start:start + elements])
         return run
 
-    def aggregate_only() -> None:
-        with strategy.scope():
-            strategy._aggregate_gradients(pairs)
+    def aggregate_only() -> None:  # the aggregation alone, results kept
+        strategy.aggregator.reduce(grads, variables, step=0, all_dense=True)
 
     def full_step() -> None:
-        with strategy.scope():
-            opt.apply_gradients(pairs)
+        opt.apply_gradients(pairs)
 
     def backward_into_buffer() -> None:  # untimed: the backward pass writes the gradients
         buffer.flat[np.dtype(np.float32)][:] = flat
 
     def buffer_step() -> None:
-        with strategy.scope():
-            buffered_opt.apply_gradients(buffer)
+        buffered_opt.apply_gradients(buffer)
 
     candidates = {"whole-buffer Allreduce": whole,
                   "whole-buffer Allreduce + numpy loop": whole_plus_loop,
@@ -358,25 +352,12 @@ def bench_aggregate() -> dict | None:
                   "distsgd aggregate + update": full_step,
                   "distsgd aggregate + update, GradientBuffer": (backward_into_buffer,
                                                                   buffer_step)}
-    times = timed(candidates, rounds=21, sync=comm.Barrier,
-                  after_warmup=lambda: choose_chunk_sizes(aggregate_only)).slowest_rank(comm)
-    aggregator = strategy._gradient_aggregator()
-    chunk_bytes = (aggregator.chosen_chunk_bytes() or [aggregator.chunk_bytes])[0]
+    times = timed(candidates, rounds=21, sync=comm.Barrier).slowest_rank(comm)
+    chunk_bytes = strategy.allreduce_chunk_bytes
     if rank != 0:
         return None
     return {"ranks": size, "same_chunks": f"raw chunks of {chunk_bytes // 4 >> 10} Ki",
             "samples": {name: values.tolist() for name, values in times.samples.items()}}
-
-
-def choose_chunk_sizes(*aggregations) -> None:
-    """Let each kept aggregation (a call) make its "auto" chunk size choice (at 2 ranks),
-    so the rounds time its steady state. Call it after every candidate's warm-up, in the
-    state the rounds run in: in 8 one-off launches, the choice made right after the
-    set-up picked the size that then lost the rounds 5 times (3 times by 7-8%), the choice
-    made after the warm-up 2 times (by 1% and 4%)."""
-    for aggregate in aggregations:
-        for _ in range(AUTO_TRIAL_CALLS + 1):
-            aggregate()
 
 
 def aggregate_ratios(times: Timings, same_chunks: str) -> dict:
@@ -427,12 +408,9 @@ def bench_transport() -> dict | None:
             opt = SGD(0.01, momentum=0.9)
         pairs = list(zip(grads, variables, strict=True))
         candidates[f"{name} aggregate"] = functools.partial(
-            _in_scope, strategy, strategy._aggregate_gradients, pairs)
-        candidates[f"{name} step"] = functools.partial(_in_scope, strategy,
-                                                       opt.apply_gradients, pairs)
-    kept = [candidates[f"{name} aggregate"] for name in strategies]
-    times = timed(candidates, rounds=5, sync=comm.Barrier,
-                  after_warmup=lambda: choose_chunk_sizes(*kept)).slowest_rank(comm)
+            strategy.aggregator.reduce, grads, variables, step=0, all_dense=True)
+        candidates[f"{name} step"] = functools.partial(opt.apply_gradients, pairs)
+    times = timed(candidates, rounds=5, sync=comm.Barrier).slowest_rank(comm)
     from mpi4py import MPI
 
     hosts = len(set(comm.allgather(MPI.Get_processor_name())))  # every rank takes part
@@ -441,11 +419,6 @@ def bench_transport() -> dict | None:
     return {"ranks": comm.Get_size(), "hosts": hosts, "ms": times.ms,
             "aggregate_bfloat16_vs_exact": times.ratio("bfloat16 aggregate", "exact aggregate"),
             "step_bfloat16_vs_exact": times.ratio("bfloat16 step", "exact step")}
-
-
-def _in_scope(strategy, function, *args) -> None:
-    with strategy.scope():
-        function(*args)
 
 
 def transport_runs() -> list[dict]:
@@ -531,8 +504,7 @@ def bench_memory(form: str) -> dict | None:
                 var._array += slot
     else:
         def step() -> None:
-            with strategy.scope():
-                opt.apply_gradients(pairs)
+            opt.apply_gradients(pairs)
 
     step()  # slots, plans and buffers are made by the first step
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS

@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from distsgd.distribute.aggregation import route_of
-from distsgd.distribute.strategy import get_strategy
+from distsgd.distribute import Route, route_of, state_digest, strategy_of
 from distsgd.variables import Variable, VariableAggregation
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
-           "state_digest"]
+           "state_digest"]  # state_digest: re-exported from distsgd.distribute
 
 FORMAT = "distsgd-checkpoint-1"
 
@@ -45,16 +44,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt, or does not belong to this model."""
 
 
-def state_digest(variables: Sequence[Variable]) -> str:
-    """sha256 over the variables' names, shapes, dtypes and bytes, in order.
+def _strategy(variables: Sequence[Variable], optimizer: Any, strategy: Any) -> Any:
+    """The strategy the variables and the optimizer's state belong to (never the scope)."""
+    return strategy_of([*variables, *optimizer.weights], strategy, what="checkpoint")
 
-    Pass ``model_variables + optimizer.weights`` for the whole training state.
-    """
-    digest = hashlib.sha256()
-    for var in variables:
-        digest.update(f"{var.name}|{var.shape}|{var.dtype.str}|".encode())
-        digest.update(np.ascontiguousarray(var._array).tobytes())
-    return digest.hexdigest()
+
+def _is_local(var: Variable) -> bool:
+    return route_of(var) is Route.LOCAL
 
 
 def _entries(variables: Sequence[Variable], optimizer: Any) -> list[tuple[str, Variable, bool]]:
@@ -64,20 +60,19 @@ def _entries(variables: Sequence[Variable], optimizer: Any) -> list[tuple[str, V
     if duplicates:
         raise ValueError(f"variables {duplicates} share a name; checkpointed variables need "
                          "unique names")
-    entries = [(f"var/{v.name}", v, route_of(v) == "local") for v in variables]
-    by_id = {v._unique_id: v for v in variables}
-    owners = {id(slot): (var_id, slot_name) for var_id, slots in optimizer._slots.items()
-              for slot_name, slot in slots.items()}
-    for weight in optimizer.weights:
-        if weight is optimizer.iterations:
-            entries.append(("optimizer/iterations", weight, False))
-            continue
-        var_id, slot_name = owners[id(weight)]
-        var = by_id.get(var_id)
-        if var is None:
-            raise ValueError(f"optimizer slot {weight.name!r} belongs to a variable not in "
-                             "`variables`")
-        entries.append((f"slot/{var.name}/{slot_name}", weight, route_of(var) == "local"))
+    entries = [(f"var/{v.name}", v, _is_local(v)) for v in variables]
+    entries.append(("optimizer/iterations", optimizer.iterations, False))
+    for var in variables:
+        for slot_name in optimizer.get_slot_names():
+            try:
+                slot = optimizer.get_slot(var, slot_name)
+            except KeyError:
+                continue
+            entries.append((f"slot/{var.name}/{slot_name}", slot, _is_local(var)))
+    covered = {id(v) for _, v, _ in entries}
+    foreign = [w.name for w in optimizer.weights if id(w) not in covered]
+    if foreign:
+        raise ValueError(f"optimizer slots {foreign} belong to variables not in `variables`")
     return entries
 
 
@@ -133,12 +128,12 @@ def save_checkpoint(directory: str | os.PathLike[str], *, step: int,
         state: JSON-serializable extra state (data position, seeds), returned by
             :func:`load_checkpoint`.
         keep: how many complete checkpoints to keep (older ones are deleted).
-        strategy: defaults to the current strategy.
+        strategy: the strategy of ``variables`` (found from them when None).
 
     Raises:
         CheckpointError: replicas disagree, or writing failed on some rank.
     """
-    strategy = strategy or get_strategy()
+    strategy = _strategy(variables, optimizer, strategy)
     communicator = strategy.communicator
     entries = _entries(variables, optimizer)
     shared = [e for e in entries if not e[2]]
@@ -288,7 +283,7 @@ def load_checkpoint(directory: str | os.PathLike[str], *, variables: Sequence[Va
         CheckpointError: no checkpoint, or one that is corrupt, truncated, foreign, or
             written at another world size with rank-local state. Raised on every rank.
     """
-    strategy = strategy or get_strategy()
+    strategy = _strategy(variables, optimizer, strategy)
     communicator = strategy.communicator
     error: BaseException | None = None
     found: tuple[str, dict[str, Any]] | None = None
@@ -324,9 +319,11 @@ def load_checkpoint(directory: str | os.PathLike[str], *, variables: Sequence[Va
         if not is_local and communicator.size > 1:
             strategy.broadcast(var, root=0, what=f"checkpoint restore of {key!r}")
     for name, value in manifest["optimizer"]["config"].items():
-        if name in optimizer._hyper and isinstance(value, int | float) and \
-                not isinstance(value, bool) and not callable(optimizer._hyper[name]):
-            optimizer._set_hyper(name, value)
+        current = getattr(optimizer, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and \
+                isinstance(current, int | float | np.generic | Variable) and \
+                not isinstance(current, bool):
+            setattr(optimizer, name, value)  # a hyperparameter (or clip option)
     if hasattr(optimizer, "nonfinite_steps_skipped"):
         optimizer.nonfinite_steps_skipped = manifest["optimizer"].get("nonfinite_steps_skipped", 0)
     return manifest["state"]
@@ -339,12 +336,10 @@ def _planned_entries(variables: Sequence[Variable], optimizer: Any, manifest: di
     Without ``create`` nothing is created: missing slots are described by stand-ins.
     """
     by_var = {v.name: v for v in variables}
-    entries = [(f"var/{v.name}", v, route_of(v) == "local") for v in variables]
-    iterations = optimizer._iterations
-    if iterations is None:
-        iterations = optimizer.iterations if create else \
-            _stand_in((), np.int64, VariableAggregation.ONLY_FIRST_REPLICA)
-    entries.append(("optimizer/iterations", iterations, False))
+    entries = [(f"var/{v.name}", v, _is_local(v))
+               for v in variables]  # iterations: described (not created) before validation
+    entries.append(("optimizer/iterations", optimizer.iterations if create else
+                    _stand_in((), np.int64, VariableAggregation.ONLY_FIRST_REPLICA), False))
     for entry in manifest["entries"]:
         key = entry["key"]
         if not key.startswith("slot/"):
@@ -361,11 +356,11 @@ def _planned_entries(variables: Sequence[Variable], optimizer: Any, manifest: di
                 slot = optimizer.get_slot(var, slot_name)
             except KeyError:
                 slot = _stand_in(var.shape, var.dtype, VariableAggregation.NONE)
-        entries.append((key, slot, route_of(var) == "local"))
+        entries.append((key, slot, _is_local(var)))
     return entries
 
 
 def _stand_in(shape: tuple[int, ...], dtype: Any, aggregation: VariableAggregation) -> Variable:
     """A variable that is never stored anywhere, to describe one not created yet."""
     return Variable(np.zeros(shape, dtype), aggregation=aggregation, trainable=False,
-                    _mirror=False)
+                    _owner=None)

@@ -47,25 +47,27 @@ _unique_ids = itertools.count()
 _local = threading.local()
 
 
-def _creator_stack() -> list[Callable[[Variable], None]]:
+def _creator_stack() -> list[tuple[Any, Callable[[Variable], None]]]:
     if not hasattr(_local, "creators"):
         _local.creators = []
     return _local.creators
 
 
 @contextlib.contextmanager
-def variable_creator_scope(on_create: Callable[[Variable], None]) -> Iterator[None]:
-    """Call ``on_create(variable)`` for every user variable created inside the scope.
-
-    Distribution strategies use this to mirror variables (broadcast rank 0's
-    initial value). Optimizer-owned variables (slots, ``iterations``) bypass it.
+def variable_creator_scope(owner: Any, on_create: Callable[[Variable], None]) -> Iterator[None]:
+    """Variables created inside belong to ``owner`` (a distribution strategy), which
+    ``on_create(variable)`` is called with to mirror them (broadcast rank 0's initial
+    value). Optimizer-owned variables (slots, ``iterations``) name their owner instead.
     """
     stack = _creator_stack()
-    stack.append(on_create)
+    stack.append((owner, on_create))
     try:
         yield
     finally:
         stack.pop()
+
+
+_FROM_SCOPE = object()
 
 
 # --- autograd tracing: Variable reads return boxes while a loss is traced -----------------
@@ -160,7 +162,7 @@ class Variable:
         aggregation: VariableAggregation = VariableAggregation.NONE,
         constraint: Callable[[Any], Any] | None = None,
         *,
-        _mirror: bool = True,
+        _owner: Any = _FROM_SCOPE,
     ) -> None:
         if not isinstance(synchronization, VariableSynchronization):
             raise TypeError(
@@ -185,9 +187,10 @@ class Variable:
         self._aggregation = aggregation
         self.constraint = constraint
         self._unique_id = next(_unique_ids)
-        if _mirror:
-            for on_create in _creator_stack()[-1:]:
-                on_create(self)
+        self._distribute_strategy = None if _owner is _FROM_SCOPE else _owner
+        if _owner is _FROM_SCOPE and _creator_stack():
+            self._distribute_strategy, on_create = _creator_stack()[-1]
+            on_create(self)
 
     # --- properties --------------------------------------------------------------------
     name = property(lambda self: self._name, doc="The variable's name.")
@@ -198,6 +201,11 @@ class Variable:
     trainable = property(lambda self: self._trainable)
     synchronization = property(lambda self: self._synchronization)
     aggregation = property(lambda self: self._aggregation)
+    distribute_strategy = property(
+        lambda self: self._distribute_strategy,
+        doc="The strategy whose ``scope()`` created the variable (None: created outside "
+            "any scope); an optimizer's slots and iterations belong to the strategy of "
+            "the variables it updates.")
 
     def _read(self) -> Any:
         trace = _trace_map()

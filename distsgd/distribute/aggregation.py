@@ -1,4 +1,4 @@
-"""Cross-rank gradient aggregation, per each variable's synchronization and aggregation.
+"""The one owner of a step's collectives: agree, plan, reduce, gather.
 
 | synchronization   | aggregation         | gradient every rank applies            |
 |-------------------|---------------------|----------------------------------------|
@@ -7,462 +7,458 @@
 | AUTO / ON_WRITE   | ONLY_FIRST_REPLICA  | rank 0's gradient                      |
 | NONE              | any                 | the rank's own (never communicated)    |
 
-Every call, in the same order on every rank:
+One :meth:`GradientAggregator.reduce` call per step runs, on every rank in this order:
 
-1. one tiny ``Allreduce(BOR)`` of a 64-bit signature hash, its complement and a flag
-   byte: the hash comes back unchanged on all ranks only if every rank passes the
-   same variables (names, shapes, dtypes, policies) in the same order; otherwise
-   every rank raises the same :class:`MismatchError` naming the variable and the
-   ranks. The flag says whether any rank has a ``None`` or sparse gradient;
-2. only then, one ``Allreduce(BOR)`` of a byte per variable: bit 0 "dense here",
-   bit 1 "sparse here", so a variable whose gradient is ``None`` on some ranks is
-   sent as zeros (or an empty slice) there instead of being skipped, which would
-   hang the others; mixed dense/sparse becomes dense, as in TF;
-3. dense gradients, per-(dtype, route) buckets cut into chunks, each reduced into a
-   buffer (``Allreduce`` for sum/mean, sent from where it lies when it is one piece,
-   packed first otherwise; ``Bcast`` from rank 0 for first), then either kept
-   (:meth:`aggregate`) or handed straight to the optimizer's update while in cache
-   (streaming);
-4. sparse gradients gathered with ``Allgatherv``: values and indices concatenated in
-   rank order, values divided by the world size for MEAN, rank 0's slices for first.
+1. the operation check (:func:`~distsgd.distribute.comm.agree`): one tiny
+   ``Allreduce(BOR)`` proving that every rank is at the same step with the same
+   variables (names, shapes, dtypes, routes, transport), else the same
+   :class:`MismatchError` on every rank; its flag says whether any rank has a
+   ``None`` or sparse gradient;
+2. only then, one ``Allreduce(BOR)`` of a byte per variable (bit 0 "dense here", bit
+   1 "sparse here"): a gradient that is ``None`` on some ranks is sent as zeros there,
+   never skipped (which would hang the others); mixed dense/sparse becomes dense;
+3. at every ``replica_check_every_steps``-th step, the replica check;
+4. ``consumer.prepare(plan)``, which may still raise (on every rank alike);
+5. the dense chunks in plan order: each reduced into a buffer (``Allreduce`` through
+   the transport for sum and mean, ``Bcast`` from rank 0 for first; in place in a
+   :class:`~distsgd.GradientBuffer`, sent from where it lies when it is one piece of
+   one gradient, packed first otherwise), then handed to ``consumer.consume`` while
+   in cache, or kept;
+6. sparse gradients gathered with ``Allgatherv``: values and indices concatenated in
+   rank order, values divided by the world size for mean, rank 0's slices for first;
+7. with ``check_finite``, one ``Allreduce(MAX)`` of a byte: whether any rank's
+   aggregated gradients hold NaN or inf.
 """
 
 from __future__ import annotations
 
-import functools
+import enum
 import hashlib
 import math
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from distsgd.distribute.comm import DEFAULT_CHUNK_BYTES
-from distsgd.distribute.compression import allreduce_bfloat16_, check_compression
-from distsgd.distribute.fusion import (
-    ISOLATED_CHUNK_BYTES,
+from distsgd.distribute.comm import MismatchError, agree
+from distsgd.distribute.layout import (
+    DEFAULT_CHUNK_BYTES,
+    LOCAL_CHUNK_BYTES,
     Bucket,
     Chunk,
     Entry,
+    Route,
+    bucket_source,
     plan_buckets,
     plan_chunks,
-    stream_chunks,
+    route_of,
 )
-from distsgd.distribute.tuning import TIMED_ROUNDS, ChunkSizeTuner
+from distsgd.distribute.transport import ExactTransport, Transport
 from distsgd.indexed_slices import IndexedSlices, to_dense
 from distsgd.kernels import ScratchBuffers
-from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
+from distsgd.timeline import timeline
+from distsgd.variables import Variable
 
-__all__ = ["AUTO", "AUTO_CHUNK_CANDIDATES_BYTES", "AUTO_TRIAL_CALLS", "AggregationPlan",
-           "GradientAggregator", "MismatchError", "route_of"]
-
-LOCAL, SUM, MEAN, FIRST = "local", "sum", "mean", "first"
-_NONE, _DENSE, _SPARSE = 0, 1, 2
-_FLOAT32 = np.dtype(np.float32)
-_DENSE_KINDS = np.zeros(0, dtype=np.uint8)  # stands for "all dense" in the flag check
-#: ``chunk_bytes="auto"``: see :class:`GradientAggregator`.
-AUTO = "auto"
-#: The chunk sizes ``"auto"`` chooses between where it measures.
-AUTO_CHUNK_CANDIDATES_BYTES = (DEFAULT_CHUNK_BYTES, 16 << 20)
-#: Calls of a tuned aggregation that try sizes (the next one chooses, see ``tuning``).
-AUTO_TRIAL_CALLS = len(AUTO_CHUNK_CANDIDATES_BYTES) * (1 + TIMED_ROUNDS)
+__all__ = ["ChunkConsumer", "ChunkPart", "GradientAggregator", "Kind", "MismatchError",
+           "Reduction", "StepPlan"]
 
 
-class MismatchError(ValueError):
-    """Ranks passed different variables (or policies) to a collective operation."""
+class Kind(enum.IntFlag):
+    """What gradient a rank holds for a variable (bits, OR-ed across ranks)."""
+
+    NONE = 0
+    DENSE = 1
+    SPARSE = 2
 
 
-def route_of(var: Variable) -> str:
-    """How ``var``'s gradient crosses ranks: local, sum, mean or first."""
-    if var.synchronization is VariableSynchronization.NONE:
-        return LOCAL
-    return {VariableAggregation.NONE: SUM, VariableAggregation.SUM: SUM,
-            VariableAggregation.MEAN: MEAN,
-            VariableAggregation.ONLY_FIRST_REPLICA: FIRST}[var.aggregation]
+#: A reduced run of a chunk: ``(chunk, elements, offset of elements[0] in the chunk)``.
+ChunkPart = tuple[Chunk, np.ndarray, int]
 
 
-def signature_hash(signature: Sequence[Any]) -> bytes:
-    """8 bytes identifying ``signature`` (a sequence of reprs-able tuples)."""
-    return hashlib.blake2b(repr(tuple(signature)).encode(), digest_size=8).digest()
+class ChunkConsumer(Protocol):
+    """What takes a step's reduced dense gradients as they arrive (the optimizer's update)."""
+
+    def prepare(self, plan: StepPlan) -> None:
+        """Called once all ranks agreed on ``plan``, before any data moves; may raise."""
+
+    def consume(self, parts: Sequence[ChunkPart]) -> None:
+        """Use reduced gradient elements (valid only during the call)."""
 
 
-def agree_or_raise(communicator: Any, signature: Sequence[Any], digest: bytes, what: str,
-                   describe: Any = repr, flag: int = 0) -> int:
-    """Prove every rank holds the same ``signature``, or raise the same error on all.
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cheap cache key
+class StepPlan:
+    """What one step moves, agreed by every rank; made once per variable list and kinds.
 
-    One ``Allreduce(BOR)`` of ``digest``, its complement and ``flag`` (a byte): the
-    digest and complement come back unchanged on every rank exactly when all
-    digests are equal. Returns the OR of every rank's ``flag``.
+    Positions index the step's (gradient, variable) pairs.
     """
-    mine = np.frombuffer(digest, dtype=np.uint8)
-    header = np.concatenate([mine, ~mine, np.array([flag], dtype=np.uint8)])
-    communicator.allreduce_(header, "bor", what=f"{what}: signature check")
-    if np.array_equal(header[:8], mine) and np.array_equal(header[8:16], ~mine):
-        return int(header[16])
-    raise MismatchError(_mismatch_message(communicator.allgather_object(list(signature)),
-                                          what, describe))
 
-
-def _mismatch_message(signatures: list[list[Any]], what: str, describe: Any) -> str:
-    length = max(len(s) for s in signatures)
-    for i in range(length):
-        items = [s[i] if i < len(s) else None for s in signatures]
-        if any(item != items[0] for item in items):
-            break
-    groups: dict[str, list[int]] = {}
-    for rank, item in enumerate(items):
-        groups.setdefault("(nothing)" if item is None else describe(item), []).append(rank)
-    held = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {d}"
-                     for d, r in groups.items())
-    counts = sorted({len(s) for s in signatures})
-    extra = "" if len(counts) == 1 else \
-        f" (ranks pass {' vs '.join(map(str, counts))} variables)"
-    return (f"ranks disagree in {what} at variable #{i}{extra}: {held}. Every rank must "
-            "pass the same variables, in the same order, with the same shapes, dtypes and "
-            "policies.")
-
-
-def _describe(item: tuple[str, tuple[int, ...], str, str]) -> str:
-    name, shape, dtype, route = item
-    return f"{name!r} shape {shape} {np.dtype(dtype).name} ({route})"
-
-
-@dataclass(frozen=True, eq=False)  # hashed by identity: a cheap key for plans
-class _Signature:
-    key: tuple[int, ...]
-    items: list[Any]
-    digest: bytes
-    positions: list[int]
+    #: per position: ``None`` (no rank has a gradient), ``Kind.DENSE`` or ``Kind.SPARSE``
+    kinds: tuple[Kind | None, ...]
+    buckets: tuple[Bucket, ...]
+    chunks: tuple[Chunk, ...]
+    #: per bucket: how its sums cross ranks (None: it does not cross, or is broadcast)
+    transports: tuple[Transport | None, ...]
+    #: per bucket that crosses ranks: where its region starts in the kept results
+    result_offsets: dict[int, int]
+    #: elements of the kept results, per dtype
+    result_elements: dict[np.dtype, int]
+    #: positions with a sparse gradient (gathered if in ``gathered``)
+    sparse: tuple[int, ...]
+    gathered: tuple[int, ...]
+    #: positions sparse here but dense on another rank: made dense here
+    densify: tuple[int, ...]
+    #: positions some rank has a gradient for, and those none has
+    updated: tuple[int, ...]
+    missing: tuple[int, ...]
+    dense_elements: int
+    #: per GradientBuffer used with this plan: each bucket's memory in it (or None)
+    _sources: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
 @dataclass
-class AggregationPlan:
-    """What one call moves, agreed by every rank (cached per variable list and kinds).
+class Reduction:
+    """The outcome of one :meth:`GradientAggregator.reduce` call."""
 
-    ``kinds[i]`` is the gradient variable ``i`` gets: ``None`` (no rank has one),
-    dense (``_DENSE``) or sparse (``_SPARSE``). Dense gradients travel in ``chunks`` of
-    ``buckets``; ``sparse`` lists the positions gathered with ``Allgatherv``;
-    ``densify`` the positions sparse here but dense elsewhere.
-    """
+    plan: StepPlan
+    #: per position, the aggregated dense gradient (None: sparse, missing, or streamed)
+    dense: list[np.ndarray | None]
+    #: per sparse position, the aggregated (gathered) slices
+    sparse: dict[int, IndexedSlices]
+    #: whether every rank's aggregated gradients were finite (None: not checked)
+    finite: bool | None = None
 
-    kinds: tuple[int | None, ...]
-    buckets: list[Bucket]
-    chunks: list[Chunk]
-    sparse: list[int]
-    densify: list[int]
-    label: str = ""
-    #: elements of the dense results that cross ranks, per dtype
-    result_elements: dict[np.dtype, int] = field(default_factory=dict)
-    #: every position with a sparse gradient (gathered or rank-local)
-    sparse_positions: list[int] = field(default_factory=list)
-    #: elements of all dense gradients
-    dense_elements: int = 0
-    #: per-plan data of the plan's user (the optimizer's update segments)
-    user_data: dict[Any, Any] = field(default_factory=dict)
+
+@dataclass(frozen=True, eq=False)
+class _Signature:
+    items: list[tuple[Any, ...]]
+    digest: bytes
+    crossing: list[int]  # positions whose gradients cross ranks
 
 
 class GradientAggregator:
-    """Aggregates the gradients of one ``apply_gradients`` call across ranks.
+    """Aggregates the gradients of each step across ranks (see the module docstring).
 
     Args:
         communicator: a :class:`~distsgd.distribute.comm.Communicator`.
-        fusion_threshold_bytes: dense bucket size cap; 0 sends one buffer per tensor.
+        fusion_threshold_bytes: dense bucket size cap; 0 sends one bucket per tensor.
         sparse_as_dense: densify :class:`IndexedSlices` before reducing.
-        chunk_bytes: dense buckets travel in messages of at most this many bytes
-            (default: the communicator's ``chunk_bytes``, else 4 MiB). ``"auto"``: 4 MiB,
-            except where a measured choice costs nothing: an aggregation that keeps
-            all its results (:meth:`aggregate`; no chunk buffer, so no memory depends
-            on the size) between exactly two ranks (every element's sum is then
-            ``a + b``, which IEEE addition makes independent of how the message is
-            cut, so the bits cannot change) times 4 and 16 MiB chunks on its first
-            calls and keeps the faster (:class:`~distsgd.distribute.tuning.ChunkSizeTuner`).
-            Streamed steps keep 4 MiB: each reduced chunk is updated while in cache,
-            and its buffer's size is memory the step holds.
-        compression: ``"bfloat16"``: summed float32 gradients travel as bfloat16
-            (:mod:`~distsgd.distribute.compression`); None: exactly.
+        chunk_bytes: dense buckets travel in messages of at most this many bytes.
+        transport: how summed buckets cross ranks (default: exactly).
+        replica_check: ``replica_check(state)`` proves the replicas agree on ``state``
+            (the strategy's ``check_replicas``); run before the data moves of every
+            ``replica_check_every_steps``-th step (steps counted from 1; 0: never).
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
-                 sparse_as_dense: bool, chunk_bytes: int | str | None = None,
-                 compression: str | None = None) -> None:
+                 sparse_as_dense: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 transport: Transport | None = None,
+                 replica_check: Callable[[Sequence[Variable]], Any] | None = None,
+                 replica_check_every_steps: int = 0) -> None:
         self.communicator = communicator
-        self.compression = check_compression(compression)
-        self.fusion_threshold_bytes = fusion_threshold_bytes
+        self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.sparse_as_dense = sparse_as_dense
-        self.auto_chunks = chunk_bytes == AUTO
-        self.chunk_bytes = DEFAULT_CHUNK_BYTES if self.auto_chunks else \
-            int(chunk_bytes or getattr(communicator, "chunk_bytes", 0) or DEFAULT_CHUNK_BYTES)
-        self.calls = 0
-        # Bounded caches: programs that pass ever-new variable lists (or whose None
-        # pattern keeps changing) must not accumulate signatures or plans.
+        self.chunk_bytes = int(chunk_bytes)
+        self.transport = transport or ExactTransport()
+        self._exact = ExactTransport()
+        self.replica_check = replica_check
+        self.replica_check_every_steps = int(replica_check_every_steps)
+        # bounded: programs that pass ever-new variable lists (or None patterns) must not
+        # accumulate signatures or plans
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
-        self._plans: OrderedDict[tuple[Any, ...], AggregationPlan] = OrderedDict()
-        # keyed by what crosses ranks (agreed), used in call order: alike on every rank
-        self._tuners: OrderedDict[tuple[Any, ...], ChunkSizeTuner] = OrderedDict()
-        self._last_signature: tuple[Sequence[Variable], _Signature] | None = None
-        self._results = ScratchBuffers()
-        self._wire = ScratchBuffers()  # bfloat16 transport's buffers
+        self._plans: OrderedDict[tuple[Any, ...], StepPlan] = OrderedDict()
+        self._results = ScratchBuffers()  # kept results: one array per dtype
+        self._chunk_buffers = ScratchBuffers()  # streamed chunks
 
     @property
     def distributed(self) -> bool:
         """Whether gradients cross ranks (more than one rank)."""
         return self.communicator.size > 1
 
-    def local_form(self, grads: Sequence[Any], variables: Sequence[Variable]) -> Sequence[Any]:
-        """The gradients as they will be sent: sparse ones densified with ``sparse_as_dense``."""
-        if not self.sparse_as_dense:
-            return grads
-        return [to_dense(g.values, g.indices, v.shape) if isinstance(g, IndexedSlices) else g
-                for g, v in zip(grads, variables, strict=True)]
+    # --- the step ---------------------------------------------------------------------
+    def reduce(self, grads: Sequence[Any], variables: Sequence[Variable], *, step: int,
+               all_dense: bool = False, buffer: Any = None,
+               consumer: ChunkConsumer | None = None, aggregate: bool = True,
+               check_finite: bool = False,
+               replica_state: Callable[[], Sequence[Variable]] | None = None) -> Reduction:
+        """Aggregate one step's gradients across ranks (all of the module's steps).
 
-    def agree(self, grads: Sequence[Any], variables: Sequence[Variable],
-              step: int | None = None, all_dense: bool = False) -> AggregationPlan:
-        """Prove every rank passes the same variables and agree on what moves.
-
-        Collectives, on every rank in this order: the signature check, then, only when
-        some rank has a ``None`` or sparse gradient, the kinds exchange. ``grads`` are
-        in :meth:`local_form`; ``all_dense`` promises they are all dense arrays.
+        Args:
+            grads: per variable, a dense array of its shape and dtype, an
+                :class:`IndexedSlices`, or ``None`` (checked by the caller).
+            variables: the variables, in the same order on every rank.
+            step: the step count (the optimizer's ``iterations``): ranks at different
+                steps raise :class:`MismatchError`.
+            all_dense: the caller promises every gradient is a dense array.
+            buffer: the :class:`~distsgd.GradientBuffer` whose arrays ``grads`` are, if
+                any: its memory is reduced in place.
+            consumer: takes the reduced dense chunks as they arrive (streaming); without
+                one, the dense results are kept and returned.
+            aggregate: False: the gradients are aggregated already; nothing crosses ranks.
+            check_finite: agree on whether the aggregated gradients are all finite.
+            replica_state: what the periodic replica check covers (called if it runs).
 
         Raises:
-            MismatchError: on every rank alike, naming the variable and the ranks.
+            MismatchError: ranks at different steps or with different variables.
+            ValueError: from ``consumer.prepare`` (every rank alike).
         """
-        self.calls += 1
-        label = f"gradient aggregation at step {step}" if step is not None else \
-            f"gradient aggregation (call {self.calls})"
+        with timeline.span("aggregate"):
+            if self.sparse_as_dense and aggregate:
+                grads = [to_dense(g.values, g.indices, v.shape)
+                         if isinstance(g, IndexedSlices) else g
+                         for g, v in zip(grads, variables, strict=True)]
+                all_dense = all_dense or not any(g is None for g in grads)
+            label = f"gradient aggregation at step {step}"
+            plan = self._agree(grads, variables, label, all_dense, aggregate)
+            every = self.replica_check_every_steps
+            if every and aggregate and self.replica_check is not None \
+                    and (step + 1) % every == 0 and replica_state is not None:
+                self.replica_check(replica_state())
+            if consumer is not None:
+                consumer.prepare(plan)
+            if plan.densify:
+                grads = list(grads)
+                for position in plan.densify:
+                    grad = grads[position]
+                    grads[position] = to_dense(grad.values, grad.indices,
+                                               variables[position].shape)
+            sources = self._bucket_sources(plan, buffer, grads)
+            if consumer is None:
+                dense = self._reduce_kept(plan, grads, sources, label)
+            else:
+                self._reduce_streamed(plan, grads, sources, label, consumer)
+                dense = [None] * len(grads)
+            sparse = self._gather_sparse(plan, grads, variables, label)
+            finite = None
+            if check_finite:
+                finite = self._all_finite(dense, sparse, label)
+        return Reduction(plan, dense, sparse, finite)
+
+    # --- agreement and plans ----------------------------------------------------------
+    def _agree(self, grads: Sequence[Any], variables: Sequence[Variable], label: str,
+               all_dense: bool, aggregate: bool) -> StepPlan:
+        distributed = self.distributed and aggregate
         signature = self._signature(variables)
-        # kinds, one byte per variable; None stands for "all dense" (the common case)
         local = None if all_dense else bytes(map(_kind, grads))
-        if local is not None and local.count(_DENSE) == len(local):
-            local = None
+        if local is not None and local.count(Kind.DENSE) == len(local):
+            local = None  # stands for "all dense", the common case
         shared = local
-        if self.distributed:
-            kinds = _DENSE_KINDS if local is None else \
-                np.frombuffer(local, dtype=np.uint8)[signature.positions]
-            if agree_or_raise(self.communicator, signature.items, signature.digest, label,
-                              _describe, flag=0 if local is None else
-                              int(bool(np.any(kinds != _DENSE)))):
-                kinds = np.full(len(signature.positions), _DENSE, dtype=np.uint8) \
-                    if local is None else kinds.copy()
+        if distributed:
+            crossing = [] if local is None else [local[i] for i in signature.crossing]
+            flag = int(any(kind != Kind.DENSE for kind in crossing))
+            if agree(self.communicator, label, signature.digest, flag, signature.items,
+                     _describe) and signature.crossing:
+                kinds = np.array(crossing or [Kind.DENSE] * len(signature.crossing),
+                                 dtype=np.uint8)
                 self.communicator.allreduce_(kinds, "bor", what=f"{label}: gradient kinds")
-                merged = bytearray(local or bytes(len(variables) * [_DENSE]))
-                for position, kind in zip(signature.positions, kinds.tolist(), strict=True):
+                merged = bytearray(local or bytes(len(variables) * [Kind.DENSE]))
+                for position, kind in zip(signature.crossing, kinds.tolist(), strict=True):
                     merged[position] = kind
                 shared = bytes(merged)
-        key = (signature, local, shared)
+        key = (signature, local, shared, distributed)
         plan = _lookup(self._plans, key)
         if plan is None:
-            dense = bytes(len(variables) * [_DENSE])
-            plan = self._plan(variables, local or dense, shared or dense)
-            _store(self._plans, key, plan, _PLANS_KEPT)
-        plan.label = label
+            dense = bytes(len(variables) * [Kind.DENSE])
+            plan = self._plan(variables, local or dense, shared or dense, distributed)
+            _store(self._plans, key, plan)
         return plan
 
     def _signature(self, variables: Sequence[Variable]) -> _Signature:
-        last = self._last_signature
-        if last is not None and last[0] is variables:
-            return last[1]  # the very tuple of the last call (the optimizer passes it on)
         key = tuple(v._unique_id for v in variables)
         cached = _lookup(self._signatures, key)
         if cached is None:
-            positions = [i for i, v in enumerate(variables) if route_of(v) != LOCAL]
+            crossing = [i for i, v in enumerate(variables) if route_of(v) is not Route.LOCAL]
             items = [(variables[i].name, variables[i].shape, variables[i].dtype.str,
-                      self._route_label(variables[i])) for i in positions]
-            cached = _Signature(key, items, signature_hash(items), positions)
-            _store(self._signatures, key, cached, _SIGNATURES_KEPT)
-        if isinstance(variables, tuple):
-            self._last_signature = (variables, cached)
+                      self._route_label(variables[i])) for i in crossing]
+            digest = hashlib.blake2b(repr(items).encode(), digest_size=8).digest()
+            cached = _Signature(items, digest, crossing)
+            _store(self._signatures, key, cached)
         return cached
 
-    def _compressed(self, dtype: np.dtype, route: str) -> bool:
-        return self.compression is not None and route in (SUM, MEAN) and dtype == _FLOAT32
+    def _transport_of(self, dtype: np.dtype, route: Route) -> Transport | None:
+        if route in (Route.SUM, Route.MEAN):
+            return self.transport if self.transport.carries(dtype, route) else self._exact
+        return None
 
     def _route_label(self, var: Variable) -> str:
-        """``var``'s route as the signature check compares it (with its transport)."""
+        """``var``'s route as the operation check compares it (with its transport)."""
         route = route_of(var)
-        return f"{route}, {self.compression}" if self._compressed(var.dtype, route) else route
+        transport = self._transport_of(var.dtype, route)
+        exact = transport is None or isinstance(transport, ExactTransport)
+        return route.value if exact else f"{route.value}, {transport.name}"
 
-    def _plan(self, variables: Sequence[Variable], local: bytes,
-              shared: bytes) -> AggregationPlan:
-        kinds: list[int | None] = []
-        entries, sparse, densify = [], [], []
+    def _plan(self, variables: Sequence[Variable], local: bytes, shared: bytes,
+              distributed: bool) -> StepPlan:
+        kinds: list[Kind | None] = []
+        entries, sparse, gathered, densify = [], [], [], []
         for position, (var, mine, everyone) in enumerate(zip(variables, local, shared,
                                                              strict=True)):
-            # one rank: every route is the identity, so all dense gradients of a dtype
-            # share buckets (longer runs, fewer kernel calls)
-            route = route_of(var) if self.distributed else LOCAL
-            if everyone == _NONE:
+            # without crossing, every route is the identity: all dense gradients of a
+            # dtype share buckets (longer runs, fewer kernel calls)
+            route = route_of(var) if distributed else Route.LOCAL
+            if route is Route.LOCAL:
+                everyone = mine
+            if everyone == Kind.NONE:
                 kinds.append(None)
-            elif everyone & _DENSE if route != LOCAL else mine == _DENSE:
-                # dense everywhere, or mixed: densify (TF adds them densely)
-                kinds.append(_DENSE)
+            elif everyone & Kind.DENSE:  # dense everywhere, or mixed: dense (as TF adds)
+                kinds.append(Kind.DENSE)
                 entries.append(Entry(position, var.dtype, route, var.shape))
-                if mine == _SPARSE:
+                if mine == Kind.SPARSE:
                     densify.append(position)
             else:
-                kinds.append(_SPARSE)
-                if route != LOCAL:
-                    sparse.append(position)
+                kinds.append(Kind.SPARSE)
+                sparse.append(position)
+                if route is not Route.LOCAL:
+                    gathered.append(position)
         buckets = plan_buckets(entries, self.fusion_threshold_bytes)
         chunks = plan_chunks(buckets, self.chunk_bytes,
-                             None if self.distributed else ISOLATED_CHUNK_BYTES)
-        result_elements: dict[np.dtype, int] = {}
+                             None if distributed else LOCAL_CHUNK_BYTES)
+        offsets: dict[int, int] = {}
+        elements: dict[np.dtype, int] = {}
         for bucket in buckets:
-            if bucket.route != LOCAL:
-                result_elements[bucket.dtype] = result_elements.get(bucket.dtype, 0) + bucket.size
-        return AggregationPlan(tuple(kinds), buckets, chunks, sparse, densify, "",
-                               result_elements, [i for i, k in enumerate(kinds) if k == _SPARSE],
-                               sum(bucket.size for bucket in buckets))
+            if bucket.route is not Route.LOCAL:
+                offsets[bucket.index] = elements.get(bucket.dtype, 0)
+                elements[bucket.dtype] = offsets[bucket.index] + bucket.size
+        return StepPlan(
+            kinds=tuple(kinds), buckets=tuple(buckets), chunks=tuple(chunks),
+            transports=tuple(self._transport_of(b.dtype, b.route) for b in buckets),
+            result_offsets=offsets, result_elements=elements, sparse=tuple(sparse),
+            gathered=tuple(gathered), densify=tuple(densify),
+            updated=tuple(i for i, k in enumerate(kinds) if k is not None),
+            missing=tuple(i for i, k in enumerate(kinds) if k is None),
+            dense_elements=sum(bucket.size for bucket in buckets))
 
-    def densified(self, plan: AggregationPlan, grads: Sequence[Any],
-                  variables: Sequence[Variable]) -> Sequence[Any]:
-        """``grads`` with the plan's mixed sparse/dense gradients made dense here."""
-        if not plan.densify:
-            return grads
-        grads = list(grads)
-        for position in plan.densify:
-            grad = grads[position]
-            grads[position] = to_dense(grad.values, grad.indices, variables[position].shape)
-        return grads
+    def _bucket_sources(self, plan: StepPlan, buffer: Any,
+                        grads: Sequence[Any]) -> list[np.ndarray | None] | None:
+        """Per bucket, the buffer's memory holding exactly its gradients, or None."""
+        if buffer is None or plan.densify:
+            return None
+        sources = plan._sources.get(buffer)
+        if sources is None:
+            sources = plan._sources[buffer] = [bucket_source(b, grads) for b in plan.buckets]
+        return sources
 
-    def reduce_chunk_(self, plan: AggregationPlan, chunk: Chunk, buffer: np.ndarray,
-                      send: np.ndarray | None = None) -> None:
-        """Combine one chunk across ranks into ``buffer``, per its bucket's route: the
-        packed ``buffer`` in place, or ``send`` (the chunk's elements where they lie)."""
-        bucket = chunk.bucket
-        if bucket.route == LOCAL or bucket.route == FIRST:
-            if send is not None:
-                np.copyto(buffer, send)
-            if bucket.route == LOCAL:
-                return
-        what = _ChunkLabel(plan.label, chunk)
-        if bucket.route == FIRST:
-            self.communicator.bcast_(buffer, root=0, what=what)
-        else:
-            if self._compressed(bucket.dtype, bucket.route):
-                allreduce_bfloat16_(self.communicator, buffer, send, self._wire, what)
-            else:
-                self.communicator.allreduce_(buffer, "sum", what=what, send=send)
-            if bucket.route == MEAN:
-                np.divide(buffer, self.communicator.size, out=buffer)
-
-    def aggregate(self, grads: Sequence[Any], variables: Sequence[Variable],
-                  step: int | None = None) -> list[Any]:
-        """The aggregated gradient for each variable (``None``: none on any rank).
-
-        Dense results are views of one results array per dtype, overwritten by the next
-        call; ``step`` (the optimizer's iterations) labels errors.
-        """
-        grads = self.local_form(grads, variables)
-        return self.reduce_planned(self.agree(grads, variables, step), grads, variables)
-
-    def reduce_planned(self, plan: AggregationPlan, grads: Sequence[Any],
-                       variables: Sequence[Variable]) -> list[Any]:
-        """:meth:`aggregate` after :meth:`agree`: move everything, keep the results."""
-        if not self.distributed:
-            return [g if kind is not None else None
-                    for g, kind in zip(grads, plan.kinds, strict=True)]
-        grads = self.densified(plan, grads, variables)
-        result: list[Any] = list(grads)
-        # one results array per dtype, shared by every plan: each bucket gets a region
-        regions, used = {}, dict.fromkeys(plan.result_elements, 0)
-        flats = {dtype: self._results.get(dtype, size)
-                 for dtype, size in plan.result_elements.items()}
-        for bucket in plan.buckets:
-            if bucket.route != LOCAL:
-                start = used[bucket.dtype]
-                regions[bucket.index] = flats[bucket.dtype][start:start + bucket.size]
-                used[bucket.dtype] = start + bucket.size
-        tuner = self._tuner(plan)
-        chunk_bytes = self.chunk_bytes if tuner is None else \
-            tuner.chunk_bytes(self.communicator)
-        seconds = None
+    # --- dense gradients --------------------------------------------------------------
+    def _reduce_chunk_(self, plan: StepPlan, chunk: Chunk, target: np.ndarray,
+                       grads: Sequence[Any], in_place: bool, label: str) -> None:
+        """Combine ``chunk`` across ranks into ``target`` (its gradients packed there first,
+        or sent from where they lie when the chunk is one piece, unless ``in_place``)."""
         started = time.perf_counter()
-        try:
-            stream_chunks(self._kept_chunks(plan, chunk_bytes), grads, _ignore,
-                          reduce=functools.partial(self.reduce_chunk_, plan),
-                          out=lambda chunk: regions[chunk.bucket.index][chunk.start:chunk.stop])
-            seconds = time.perf_counter() - started
-        finally:
-            if tuner is not None:
-                tuner.record(seconds)
+        bucket = chunk.bucket
+        send = None
+        if not in_place:
+            views = chunk.views(grads) if len(chunk.pieces) == 1 else None
+            if views is None or bucket.route is Route.FIRST:
+                chunk.pack_(grads, target)
+            else:
+                send = views[0][0]
+        what = _ChunkLabel(label, chunk)
+        if bucket.route is Route.FIRST:
+            self.communicator.bcast_(target, root=0, what=what)
+        else:
+            plan.transports[bucket.index].allreduce_sum_(self.communicator, target, send, what)
+            if bucket.route is Route.MEAN:
+                np.divide(target, self.communicator.size, out=target)
+        if timeline.recording:
+            timeline.event(f"bucket {bucket.index + 1}", "aggregate", started,
+                           time.perf_counter(), elements=chunk.size)
+
+    def _reduce_streamed(self, plan: StepPlan, grads: Sequence[Any],
+                         sources: list[np.ndarray | None] | None, label: str,
+                         consumer: ChunkConsumer) -> None:
+        local: list[ChunkPart] = []
+        for chunk in plan.chunks:
+            bucket = chunk.bucket
+            source = None if sources is None else sources[bucket.index]
+            if source is not None:
+                values = source[chunk.start:chunk.stop]
+            elif bucket.route is Route.LOCAL:
+                local.extend((chunk, view, offset) for view, offset in chunk.views(grads))
+                continue
+            else:
+                values = self._chunk_buffers.get(bucket.dtype, chunk.size)
+            if bucket.route is Route.LOCAL:
+                local.append((chunk, values, 0))
+                continue
+            self._reduce_chunk_(plan, chunk, values, grads, source is not None, label)
+            consumer.consume(((chunk, values, 0),))
+        if local:  # nothing to wait for: all at once (the consumer may split them)
+            consumer.consume(local)
+
+    def _reduce_kept(self, plan: StepPlan, grads: Sequence[Any],
+                     sources: list[np.ndarray | None] | None,
+                     label: str) -> list[np.ndarray | None]:
+        result: list[np.ndarray | None] = [
+            g if kind is Kind.DENSE else None for g, kind in zip(grads, plan.kinds, strict=True)]
+        regions: dict[int, np.ndarray] = {}
+        flats = {dtype: self._results.get(dtype, n) for dtype, n in plan.result_elements.items()}
+        for bucket in plan.buckets:
+            if bucket.route is Route.LOCAL:
+                continue  # the caller's gradients are the results
+            source = None if sources is None else sources[bucket.index]
+            start = plan.result_offsets[bucket.index]
+            regions[bucket.index] = source if source is not None else \
+                flats[bucket.dtype][start:start + bucket.size]
+        for chunk in plan.chunks:
+            region = regions.get(chunk.bucket.index)
+            if region is not None:
+                source = None if sources is None else sources[chunk.bucket.index]
+                self._reduce_chunk_(plan, chunk, region[chunk.start:chunk.stop], grads,
+                                    source is not None, label)
         for index, region in regions.items():
             bucket = plan.buckets[index]
             for entry, view in zip(bucket.entries, bucket.views(region), strict=True):
                 result[entry.position] = view
-        for position, slices in self.gather_sparse(plan, grads, variables).items():
-            result[position] = slices
-        return [None if kind is None else g for g, kind in zip(result, plan.kinds, strict=True)]
+        return result
 
-    def _kept_chunks(self, plan: AggregationPlan, chunk_bytes: int) -> list[Chunk]:
-        """The plan's chunks that cross ranks, cut at ``chunk_bytes`` (made once)."""
-        key = ("kept chunks", chunk_bytes)
-        chunks = plan.user_data.get(key)
-        if chunks is None:
-            chunks = plan.chunks if chunk_bytes == self.chunk_bytes else \
-                plan_chunks(plan.buckets, chunk_bytes)
-            chunks = plan.user_data[key] = [c for c in chunks if c.bucket.route != LOCAL]
-        return chunks
-
-    def _tuner(self, plan: AggregationPlan) -> ChunkSizeTuner | None:
-        """The chunk size tuner of the plan's messages, or None where none is tuned
-        (a fixed size, not two ranks, or no bucket the candidates would cut apart)."""
-        if not self.auto_chunks or self.communicator.size != 2:
-            return None
-        key = plan.user_data.get("tuning key", False)
-        if key is False:  # what crosses ranks: the same on every rank
-            crossing = [b for b in plan.buckets if b.route != LOCAL]
-            key = plan.user_data["tuning key"] = tuple(
-                (b.dtype.str, b.route, b.size) for b in crossing) if any(
-                b.nbytes > min(AUTO_CHUNK_CANDIDATES_BYTES) for b in crossing) else None
-        if key is None:
-            return None
-        tuner = _lookup(self._tuners, key)
-        if tuner is None:
-            tuner = ChunkSizeTuner(AUTO_CHUNK_CANDIDATES_BYTES)
-            _store(self._tuners, key, tuner, _PLANS_KEPT)
-        return tuner
-
-    def chosen_chunk_bytes(self) -> list[int]:
-        """The chunk size each tuned aggregation chose (the least recently used first)."""
-        return [t.chosen for t in self._tuners.values() if t.chosen is not None]
-
-    def gather_sparse(self, plan: AggregationPlan, grads: Sequence[Any],
-                      variables: Sequence[Variable]) -> dict[int, IndexedSlices]:
-        """Gather the plan's sparse gradients from every rank (``Allgatherv``, rank order)."""
-        if not plan.sparse:
-            return {}
+    # --- sparse gradients -------------------------------------------------------------
+    def _gather_sparse(self, plan: StepPlan, grads: Sequence[Any],
+                       variables: Sequence[Variable], label: str) -> dict[int, IndexedSlices]:
+        """Every sparse gradient; crossing ones gathered from every rank (rank order)."""
+        result = {i: grads[i] for i in plan.sparse if i not in plan.gathered}
+        if not plan.gathered:
+            return result
         size = self.communicator.size
-        rows = np.array([0 if grads[i] is None else len(grads[i].indices) for i in plan.sparse],
-                        dtype=np.int64)
+        rows = np.array([0 if grads[i] is None else len(grads[i].indices)
+                         for i in plan.gathered], dtype=np.int64)
         all_rows = self.communicator.allgatherv(
-            rows, np.full(size, len(plan.sparse)), what=f"{plan.label}: sparse row counts"
-        ).reshape(size, len(plan.sparse))
-        gathered = {}
-        for column, position in enumerate(plan.sparse):
+            rows, np.full(size, len(plan.gathered)), what=f"{label}: sparse row counts"
+        ).reshape(size, len(plan.gathered))
+        for column, position in enumerate(plan.gathered):
             var = variables[position]
-            row_elements = math.prod(var.shape[1:])
             grad = grads[position]
             if grad is None:
                 values = np.zeros((0,) + var.shape[1:], dtype=var.dtype)
                 indices = np.zeros(0, dtype=np.int64)
             else:
                 values, indices = grad.values, grad.indices
-            label = f"{plan.label}: sparse gradient of {var.name!r}"
+            what = f"{label}: sparse gradient of {var.name!r}"
             counts = all_rows[:, column]
             all_values = self.communicator.allgatherv(
-                np.ascontiguousarray(values).reshape(-1), counts * row_elements, what=label)
-            all_indices = self.communicator.allgatherv(indices, counts, what=label)
-            all_values = all_values.reshape((-1,) + var.shape[1:])
+                np.ascontiguousarray(values).reshape(-1), counts * math.prod(var.shape[1:]),
+                what=what).reshape((-1,) + var.shape[1:])
+            all_indices = self.communicator.allgatherv(indices, counts, what=what)
             route = route_of(var)
-            if route == FIRST:
+            if route is Route.FIRST:
                 all_values, all_indices = all_values[:counts[0]], all_indices[:counts[0]]
-            elif route == MEAN:
+            elif route is Route.MEAN:
                 np.divide(all_values, size, out=all_values)
-            gathered[position] = IndexedSlices(all_values, all_indices, var.shape)
-        return gathered
+            result[position] = IndexedSlices(all_values, all_indices, var.shape)
+        return result
+
+    def _all_finite(self, dense: Sequence[np.ndarray | None],
+                    sparse: dict[int, IndexedSlices], label: str) -> bool:
+        """Whether no rank's aggregated gradients hold NaN or inf (agreed)."""
+        arrays = [g for g in dense if g is not None] + [s.values for s in sparse.values()]
+        # one float64 sum per array: NaN and inf survive it, and it makes no copy
+        bad = np.array([not all(np.isfinite(np.add.reduce(a.reshape(-1), dtype=np.float64))
+                                for a in arrays)], dtype=np.uint8)
+        if self.distributed:
+            self.communicator.allreduce_(bad, "max", what=f"{label}: non-finite check")
+        return not bad[0]
 
 
 class _ChunkLabel:
@@ -475,19 +471,25 @@ class _ChunkLabel:
 
     def __str__(self) -> str:
         bucket = self.chunk.bucket
-        names = ", ".join(repr(e.position) for e in bucket.entries[:3])
-        return (f"{self.label}: {bucket.route} {bucket.dtype.name} bucket {bucket.index + 1} "
-                f"({bucket.nbytes} bytes; variables #{names}"
+        names = ", ".join(f"#{e.position}" for e in bucket.entries[:3])
+        return (f"{self.label}: {bucket.route.value} {bucket.dtype.name} bucket "
+                f"{bucket.index + 1} ({bucket.nbytes} bytes; variables {names}"
                 f"{', ...' if len(bucket.entries) > 3 else ''}), elements "
                 f"{self.chunk.start}-{self.chunk.stop}")
 
 
-def _ignore(*args: Any) -> None:
-    """``on_chunk`` of a reduction that keeps its results where they were reduced."""
+def _describe(item: tuple[str, tuple[int, ...], str, str]) -> str:
+    name, shape, dtype, route = item
+    return f"{name!r} shape {shape} {np.dtype(dtype).name} ({route})"
 
 
-_SIGNATURES_KEPT = 64
-_PLANS_KEPT = 64
+def _kind(grad: Any) -> int:
+    if grad is None:
+        return Kind.NONE
+    return Kind.SPARSE if isinstance(grad, IndexedSlices) else Kind.DENSE
+
+
+_CACHED = 64
 
 
 def _lookup(cache: OrderedDict, key: Any) -> Any:
@@ -497,13 +499,7 @@ def _lookup(cache: OrderedDict, key: Any) -> Any:
     return value
 
 
-def _store(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
+def _store(cache: OrderedDict, key: Any, value: Any) -> None:
     cache[key] = value
-    while len(cache) > limit:
+    while len(cache) > _CACHED:
         cache.popitem(last=False)
-
-
-def _kind(grad: Any) -> int:
-    if grad is None:
-        return _NONE
-    return _SPARSE if isinstance(grad, IndexedSlices) else _DENSE

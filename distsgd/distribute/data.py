@@ -67,13 +67,6 @@ class ShardedBatches:
             return np.arange(self.num_examples)
         return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
 
-    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
-        """This rank's example indices for ``step`` of ``epoch``."""
-        order = self.order(epoch)
-        batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
-        return batch[replica_share(len(batch), self.strategy.rank,
-                                   self.strategy.num_replicas_in_sync)]
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, list[np.ndarray]]]:
         """``(step, [array[indices] for each array])`` from ``start_step`` to the end."""
         order = self.order(epoch)

@@ -70,7 +70,7 @@ class SGD(Optimizer):
         apply_state[var_dtype]["momentum"] = momentum
         apply_state[var_dtype]["kernels"] = kernels.dense_kernels(var_dtype)
 
-    def _flat_slot_names(self) -> list[str] | None:
+    def _elementwise_slot_names(self) -> list[str] | None:
         if type(self)._resource_apply_dense is not SGD._resource_apply_dense:
             return None  # a subclass with its own dense update gets it called per tensor
         return ["momentum"] if self._momentum else []
@@ -89,7 +89,7 @@ class SGD(Optimizer):
                               apply_state: ApplyState) -> None:
         slots = (self.get_slot(var, "momentum")._array.reshape(-1),) if self._momentum else ()
         self._update_flat_(var._array.reshape(-1), slots, grad.reshape(-1),
-                           apply_state[var.dtype], self._scratch[0])
+                           apply_state[var.dtype], self._engine.scratch)
 
     def _resource_apply_sparse(self, grad: np.ndarray, var: Variable, indices: np.ndarray,
                                apply_state: ApplyState) -> None:

@@ -1,15 +1,11 @@
 """Validation of ``apply_gradients``' (gradient, variable) pairs, before anything changes.
 
-:class:`PairValidator` checks a call in a few C-level passes when it looks like the
-previous one (the same variables in the same order, dense gradient arrays of their
-shapes and dtypes), and falls back to checking pair by pair otherwise, which is also
-where every error message comes from.
+Every error names the pair, the value and what was expected; nothing is modified
+before all pairs are checked.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +15,9 @@ from distsgd.gradients import GradientBuffer
 from distsgd.indexed_slices import IndexedSlices
 from distsgd.variables import Variable
 
-__all__ = ["FLOAT_DTYPES", "PairValidator", "validate_gradient"]
+__all__ = ["FLOAT_DTYPES", "Checked", "validate_gradient", "validate_pairs"]
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_shape = operator.attrgetter("shape")
-_dtype = operator.attrgetter("dtype")
-_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -39,60 +32,22 @@ class Checked:
     buffer: GradientBuffer | None = None
 
 
-class PairValidator:
-    """Validates calls; remembers the last variable list, never the gradients (holding
-    them would keep a step's gradients alive into the next backward pass)."""
+def validate_pairs(grads_and_vars: Any) -> Checked:
+    """Check every pair; raises ``TypeError``/``ValueError`` naming the first bad one.
 
-    def __init__(self) -> None:
-        self._variables: tuple[Variable, ...] = ()
-        self._shapes: tuple[tuple[int, ...], ...] = ()
-        self._dtypes: tuple[np.dtype, ...] = ()
-
-    def __call__(self, grads_and_vars: Any) -> Checked:
-        """Check every pair; raises ``TypeError``/``ValueError`` naming the first bad one."""
-        if type(grads_and_vars) is GradientBuffer:  # made to match its variables
-            buffer = grads_and_vars
-            if buffer.missing:
-                return Checked(buffer.pair_grads(), buffer.variables, False)
-            return Checked(buffer.grads, buffer.variables, True, buffer)
-        try:  # a list or tuple the caller made is used as is (no second set of pairs)
-            items = grads_and_vars if type(grads_and_vars) in (list, tuple) else \
-                tuple(grads_and_vars)
-        except TypeError:
-            raise TypeError(f"grads_and_vars={grads_and_vars!r}; expected an iterable of "
-                            "(gradient, variable) pairs") from None
-        # unzipped by two C-level passes: ``zip(*items)`` would make an iterator per pair,
-        # thousands of tracked objects for the garbage collector to walk
-        count = len(items)
-        if operator.countOf(map(type, items), tuple) != count or \
-                operator.countOf(map(len, items), 2) != count:
-            return _check_pairs(items)
-        grads = tuple(map(_first, items))
-        if count == len(self._variables) and \
-                all(map(operator.is_, map(_second, items), self._variables)):
-            variables = self._variables  # the same tuple object: later caches check `is`
-        else:
-            variables = tuple(map(_second, items))
-            if not all(type(v) is Variable for v in variables) or \
-                    not all(v.dtype in FLOAT_DTYPES for v in variables):
-                return _check_pairs(items)
-            self._variables = variables
-            self._shapes = tuple(map(_shape, variables))
-            self._dtypes = tuple(map(_dtype, variables))
-        buffer = GradientBuffer.holding(grads)
-        if buffer is not None and buffer.variables == variables:
-            return Checked(grads, variables, True, buffer)  # its arrays: checked when made
-        # shapes are compared one at a time: a tuple of all of them would keep a tracked
-        # object per gradient alive, and the garbage collector's passes over them cost
-        # more than the comparisons (measured: benchmarks/, part ``small``)
-        if operator.countOf(map(type, grads), np.ndarray) == len(grads) and \
-                tuple(map(_dtype, grads)) == self._dtypes and \
-                all(map(operator.eq, map(_shape, grads), self._shapes)):
-            return Checked(grads, variables, True)
-        return _check_pairs(items)
-
-
-def _check_pairs(items: Sequence[Any]) -> Checked:
+    A :class:`~distsgd.GradientBuffer` (or ``zip(buffer.grads, buffer.variables)``) is
+    recognised: its arrays were made to match, and it is reduced in place.
+    """
+    if type(grads_and_vars) is GradientBuffer:
+        buffer = grads_and_vars
+        if buffer.missing:
+            return Checked(buffer.pair_grads(), buffer.variables, False)
+        return Checked(buffer.grads, buffer.variables, True, buffer)
+    try:
+        items = list(grads_and_vars)
+    except TypeError:
+        raise TypeError(f"grads_and_vars={grads_and_vars!r}; expected an iterable of "
+                        "(gradient, variable) pairs") from None
     grads, variables = [], []
     for i, item in enumerate(items):
         if not isinstance(item, tuple | list) or len(item) != 2:
@@ -108,8 +63,10 @@ def _check_pairs(items: Sequence[Any]) -> Checked:
         grads.append(validate_gradient(grad, var, i))
         variables.append(var)
     all_dense = all(type(g) is np.ndarray for g in grads)
-    return Checked(tuple(grads), tuple(variables), all_dense)
-
+    buffer = GradientBuffer.holding(grads) if all_dense else None
+    if buffer is not None and not buffer.is_for(variables):
+        buffer = None
+    return Checked(tuple(grads), tuple(variables), all_dense, buffer)
 
 
 def _as_array(value: Any, var: Variable, what: str) -> np.ndarray:

@@ -29,7 +29,7 @@ from distsgd.checkpoint import (
     state_digest,
 )
 from distsgd.distribute import MPIStrategy, ShardedBatches, replica_share
-from distsgd.distribute.compression import COMPRESSIONS
+from distsgd.distribute.transport import COMPRESSIONS
 from distsgd.optimizers import SGD
 from distsgd.timeline import timeline
 from distsgd.train.data import Dataset, digits, synthetic
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if strategy.communicator.allgather_object(
                 latest_checkpoint(args.checkpoint_dir) is not None)[0]:
             state = load_checkpoint(args.checkpoint_dir, variables=variables,
-                                    optimizer=optimizer, strategy=strategy)
+                                    optimizer=optimizer)
             if state.get("seed") != args.seed or state.get("batch_size") != args.batch_size:
                 raise CheckpointError(
                     f"checkpoint was made with seed {state.get('seed')} and batch size "
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint() -> None:
         save_checkpoint(args.checkpoint_dir, step=global_step, variables=variables,
-                        optimizer=optimizer, strategy=strategy,
+                        optimizer=optimizer,
                         state={"global_step": global_step, "seed": args.seed,
                                "batch_size": args.batch_size})
 
@@ -207,28 +207,27 @@ def main(argv: list[str] | None = None) -> int:
         loss_sum, examples, started = 0.0, 0, time.perf_counter()
         timeline.reset_totals()
         bar = report.progress(steps_per_epoch, start_step, epoch, args.epochs)
-        with strategy.scope():
-            for _, (x, y) in batches.epoch(epoch, start_step):
-                with timeline.span("compute"):
-                    value, _ = distsgd.value_and_gradients(
-                        lambda x=x, y=y: model.summed_loss(x, y) / args.batch_size, variables,
-                        out=grads)
-                optimizer.apply_gradients(grads)
-                global_step += 1
-                loss_sum += float(value) * args.batch_size
-                examples += len(y)
-                bar.update(1)
-                if global_step % 10 == 0 and not bar.disable:
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{loss_sum / max(1, examples):.4f}",
-                                    samples_per_s=f"{examples * replicas / elapsed:,.0f}",
-                                    refresh=False)
-                if args.checkpoint_every and global_step % args.checkpoint_every == 0:
-                    with timeline.span("checkpoint"):
-                        checkpoint()
-                if args.max_steps and global_step >= args.max_steps:
-                    stopped = True
-                    break
+        for _, (x, y) in batches.epoch(epoch, start_step):
+            with timeline.span("compute"):
+                value, _ = distsgd.value_and_gradients(
+                    lambda x=x, y=y: model.summed_loss(x, y) / args.batch_size, variables,
+                    out=grads)
+            optimizer.apply_gradients(grads)  # the variables' strategy aggregates
+            global_step += 1
+            loss_sum += float(value) * args.batch_size
+            examples += len(y)
+            bar.update(1)
+            if global_step % 10 == 0 and not bar.disable:
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss_sum / max(1, examples):.4f}",
+                                samples_per_s=f"{examples * replicas / elapsed:,.0f}",
+                                refresh=False)
+            if args.checkpoint_every and global_step % args.checkpoint_every == 0:
+                with timeline.span("checkpoint"):
+                    checkpoint()
+            if args.max_steps and global_step >= args.max_steps:
+                stopped = True
+                break
         bar.close()
         seconds = time.perf_counter() - started
         totals = timeline.reset_totals()

@@ -23,7 +23,7 @@ def test_a_rank_that_stops_calling_collectives_ends_the_job_with_its_name(mpirun
     assert result.returncode != 0
     last = ranks - 1
     assert f"[distsgd rank 0/{ranks}] CollectiveTimeoutError: rank 0/{ranks}: gradient " \
-           "aggregation at step 1: signature check did not complete within 2 s " \
+           "aggregation at step 1: operation check did not complete within 2 s " \
            f"(DISTSGD_TIMEOUT); rank {last} did not arrive (dead, hung, or busy outside " \
            "distsgd)" in result.stderr
     if ranks == 3:
@@ -37,6 +37,6 @@ def test_a_frozen_rank_is_named_and_the_job_ends(mpirun):
     assert result.returncode != 0
     # whichever surviving rank's report reaches the launcher first
     assert re.search(r"CollectiveTimeoutError: rank [01]/3: gradient aggregation at step 1: "
-                     r"signature check did not complete within 2 s \(DISTSGD_TIMEOUT\); "
+                     r"operation check did not complete within 2 s \(DISTSGD_TIMEOUT\); "
                      r"rank 2 did not arrive", result.stderr), result.stdout + result.stderr
     assert "finished step 2" not in result.stdout

@@ -25,3 +25,10 @@ def assert_replicas_identical(strategy, *arrays) -> None:
     """Every rank holds bitwise the same arrays."""
     digests = strategy.communicator.allgather_object(digest(*arrays))
     assert len(set(digests)) == 1, f"replicas differ: {digests}"
+
+
+def aggregated(aggregator, grads, variables, step=0):
+    """Per variable, the aggregated gradient one kept-results ``reduce`` gives (None: no
+    rank has one)."""
+    reduction = aggregator.reduce(grads, variables, step=step)
+    return [reduction.sparse.get(i, dense) for i, dense in enumerate(reduction.dense)]

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 import distsgd
 from distsgd import VariableAggregation as Agg
+from distsgd.distribute.aggregation import GradientAggregator
+from distsgd.distribute.transport import make_transport
 from distsgd.indexed_slices import to_dense
-from tests.mpi.conftest import assert_replicas_identical
+from tests.mpi.conftest import aggregated, assert_replicas_identical
 
 pytestmark = pytest.mark.mpi
 
@@ -46,22 +48,20 @@ def dense_of(grad, shape, dtype):
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(spec=SPEC, seed=st.integers(0, 1000), fusion=st.integers(0, 1 << 12),
-       chunk_bytes=st.sampled_from([None, 4, 24]))
+       chunk_bytes=st.sampled_from([4 << 20, 4, 24]))
 def test_aggregation_matches_the_reference(strategy, spec, seed, fusion, compression,
                                            chunk_bytes):
     """(Small integers are bfloat16 values, and so are their sums: the bfloat16
     transport must give exactly the same results.)"""
     rank, size = strategy.rank, strategy.num_replicas_in_sync
-    from distsgd.distribute.aggregation import GradientAggregator
-
     aggregator = GradientAggregator(strategy.communicator, fusion_threshold_bytes=fusion,
-                                    sparse_as_dense=False, compression=compression,
+                                    transport=make_transport(compression),
                                     chunk_bytes=chunk_bytes)
     variables = [distsgd.Variable(np.zeros(shape, dtype), name=f"v{i}", aggregation=agg)
                  for i, (dtype, shape, agg, _) in enumerate(spec)]
     grads = [local_gradient(kind, shape, dtype, rank, seed + i)
              for i, (dtype, shape, _, kind) in enumerate(spec)]
-    result = aggregator.aggregate(grads, variables)
+    result = aggregated(aggregator, grads, variables)
     for i, (dtype, shape, agg, kind) in enumerate(spec):
         everyone = [local_gradient(kind, shape, dtype, r, seed + i) for r in range(size)]
         if kind == "none-everywhere":

@@ -10,7 +10,7 @@ import distsgd
 from distsgd import VariableAggregation as Agg
 from distsgd import VariableSynchronization as Sync
 from distsgd.distribute import MismatchError, MPIStrategy
-from distsgd.distribute.compression import round_to_bfloat16_, widen_bfloat16_
+from distsgd.distribute.transport import BFLOAT16
 from distsgd.optimizers import SGD
 from tests.mpi.conftest import assert_replicas_identical
 
@@ -22,10 +22,7 @@ SHAPES = [(7,), (3, 5), (1,), (64, 33), (2,)]
 def bfloat16(values: np.ndarray) -> np.ndarray:
     """float32 ``values`` rounded to bfloat16 and widened back."""
     flat = np.ascontiguousarray(values, np.float32).reshape(-1)
-    bits, out = np.zeros(flat.size, np.uint16), np.zeros(flat.size, np.float32)
-    round_to_bfloat16_(flat, bits)
-    widen_bfloat16_(bits, out)
-    return out.reshape(np.shape(values))
+    return flat.astype(BFLOAT16).astype(np.float32).reshape(np.shape(values))
 
 
 def local_gradient(rank: int, shape, dtype=np.float32) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import distsgd
 from distsgd.distribute import MPIStrategy, ShardedBatches, get_strategy
 from distsgd.optimizers import SGD
-from tests.mpi.conftest import assert_replicas_identical
+from tests.mpi.conftest import aggregated, assert_replicas_identical
 
 pytestmark = pytest.mark.mpi
 
@@ -104,31 +104,16 @@ def test_fusion_threshold_does_not_change_results(strategy, threshold):
         np.testing.assert_array_equal(got, want)
 
 
-def test_fusion_groups_by_dtype_and_policy(strategy):
-    from distsgd.distribute.fusion import Entry, plan_buckets
-
-    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
-    entries = [Entry(0, f32, "sum", (4,)), Entry(1, f64, "sum", (4,)),
-               Entry(2, f32, "mean", (4,)), Entry(3, f32, "sum", (4,)),
-               Entry(4, f32, "sum", (100,))]
-    buckets = plan_buckets(entries, fusion_threshold_bytes=64)
-    layout = [([e.position for e in b.entries], b.dtype.name, b.route) for b in buckets]
-    assert layout == [([0, 3], "float32", "sum"), ([1], "float64", "sum"),
-                      ([2], "float32", "mean"), ([4], "float32", "sum")]
-    assert [len(b.entries) for b in plan_buckets(entries, 0)] == [1] * 5
-
-
 def test_aggregation_caches_stay_bounded(strategy):
     from distsgd.distribute import aggregation
 
     aggregator = aggregation.GradientAggregator(strategy.communicator,
-                                                fusion_threshold_bytes=1 << 20,
-                                                sparse_as_dense=False)
+                                                fusion_threshold_bytes=1 << 20)
     for i in range(200):  # a fresh variable list every call, as a lazily built model might
         var = distsgd.Variable(np.zeros(i % 7 + 1), name=f"v{i}")
-        result = aggregator.aggregate([np.ones(i % 7 + 1)], [var])
+        result = aggregated(aggregator, [np.ones(i % 7 + 1)], [var], step=i)
         assert result[0].tolist() == [strategy.num_replicas_in_sync] * (i % 7 + 1)
-    assert len(aggregator._signatures) <= aggregation._SIGNATURES_KEPT
-    assert len(aggregator._plans) <= aggregation._PLANS_KEPT
+    assert len(aggregator._signatures) <= aggregation._CACHED
+    assert len(aggregator._plans) <= aggregation._CACHED
     # results live in one array per dtype shared by all plans, not one per plan
     assert len(aggregator._results._buffers) <= 1

@@ -59,7 +59,7 @@ def test_dense_on_some_ranks_sparse_on_others_is_densified(strategy):
 def test_shape_mismatch_raises_the_same_error_on_every_rank(strategy):
     rank = strategy.rank
     shape = (4, 5) if rank != 1 else (5, 4)
-    var = distsgd.Variable(np.zeros(shape), name="kernel")
+    var = distsgd.Variable(np.zeros(shape), name="kernel", _owner=strategy)  # not mirrored
     with strategy.scope(), pytest.raises(MismatchError) as error:
         SGD(1.0).apply_gradients([(np.ones(shape), var)])
     message = str(error.value)
@@ -72,7 +72,7 @@ def test_shape_mismatch_raises_the_same_error_on_every_rank(strategy):
 @pytest.mark.mpi(min_size=2)
 def test_variable_count_mismatch_is_named(strategy):
     rank = strategy.rank
-    variables = [distsgd.Variable(np.zeros(2), name=f"v{i}") for i in range(3)]
+    variables = [distsgd.Variable(np.zeros(2), name=f"v{i}", _owner=strategy) for i in range(3)]
     chosen = variables if rank == 0 else variables[:2]
     with strategy.scope(), pytest.raises(MismatchError, match=r"2 vs 3 variables"):
         SGD(1.0).apply_gradients([(np.ones(2), v) for v in chosen])

@@ -62,11 +62,3 @@ def test_aggregation_launches_are_pooled_round_by_round() -> None:
     assert summary["per_launch"]["aggregate_vs_raw_same_chunks"] == pytest.approx([1.1, 1.05])
     assert summary["aggregate_vs_raw_same_chunks"] == pytest.approx((1.1 + 1.05) / 2)
     assert "raw Allreduce of distsgd's chunk size" not in summary["ms"]
-
-
-def test_after_warmup_runs_once_between_the_warmup_and_the_rounds() -> None:
-    calls: list[str] = []
-    timed({name: (lambda name=name: calls.append(name)) for name in "ab"}, rounds=3,
-          warmup=2, after_warmup=lambda: calls.append("between"))
-    assert calls.count("between") == 1
-    assert calls.index("between") == 4  # after a, a, b, b

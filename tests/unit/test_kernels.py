@@ -7,7 +7,6 @@ import pytest
 
 import distsgd
 from distsgd import kernels
-from distsgd.distribute import get_strategy
 from distsgd.optimizers import SGD
 from tests.helpers import FLOAT_DTYPES
 
@@ -42,10 +41,8 @@ def test_blocked_gradient_descent_equals_the_plain_expression(dtype, monkeypatch
 
 
 def _segment_count(optimizer):
-    """How many contiguous runs the optimizer's last plans update (one kernel call each)."""
-    plans = get_strategy()._gradient_aggregator()._plans.values()
-    states = [p.user_data[optimizer._token] for p in plans if optimizer._token in p.user_data]
-    return sum(len(s) for s in states[-1].segments)
+    """How many contiguous runs the optimizer's last plan updates (one kernel call each)."""
+    return sum(len(s) for s in list(optimizer._plans.values())[-1].segments)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -174,15 +171,18 @@ def test_threaded_steps_equal_one_thread(threads, monkeypatch):
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 7])
 def test_thread_shares_cover_every_chunk_once_in_order(workers):
-    from distsgd.distribute.fusion import Entry, _shares, plan_buckets, plan_chunks
+    from distsgd.distribute.layout import Entry, Route, plan_buckets, plan_chunks
+    from distsgd.optimizers.engine import _shares
 
     f32 = np.dtype(np.float32)
-    entries = [Entry(i, f32, "local", (n,)) for i, n in enumerate([10, 0, 25, 3, 40, 7, 90])]
+    entries = [Entry(i, f32, Route.LOCAL, (n,)) for i, n in
+               enumerate([10, 0, 25, 3, 40, 7, 90])]
     chunks = plan_chunks(plan_buckets(entries, 1 << 20), 40)  # 10 elements a chunk
-    shares = _shares(chunks, workers)
-    assert [c.index for share in shares for c in share] == list(range(len(chunks)))
+    parts = [(c, np.zeros(c.size, f32), 0) for c in chunks]
+    shares = _shares(parts, workers)
+    assert [p[0].index for share in shares for p in share] == list(range(len(chunks)))
     assert 1 <= len(shares) <= workers
-    sizes = [sum(c.size for c in share) for share in shares]
+    sizes = [sum(p[1].size for p in share) for share in shares]
     assert max(sizes) - min(sizes) <= 2 * max(c.size for c in chunks)
 
 

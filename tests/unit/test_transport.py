@@ -1,15 +1,18 @@
-"""bfloat16 transport: the rounding against an independent reference, numba == numpy,
-the shards, the argument's validation, and no effect in one process."""
+"""bfloat16 transport: ml_dtypes' rounding against an independent reference, the shards,
+which buckets it carries, the argument's validation, and no effect in one process."""
 
 import numpy as np
 import pytest
 
 import distsgd
 from distsgd.distribute import MPIStrategy, Strategy, replica_share
-from distsgd.distribute.compression import (
-    round_to_bfloat16_,
+from distsgd.distribute.layout import Route
+from distsgd.distribute.transport import (
+    BFLOAT16,
+    BFloat16Transport,
+    ExactTransport,
+    make_transport,
     shard_counts,
-    widen_bfloat16_,
 )
 from distsgd.optimizers import SGD
 
@@ -31,20 +34,18 @@ def nearest_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def rounded(values: np.ndarray) -> np.ndarray:
-    out = np.zeros(values.size, np.uint16)
-    round_to_bfloat16_(values, out)
-    return out
+    """The bits the transport sends for ``values`` (its conversion: ml_dtypes)."""
+    out = np.zeros(values.size, BFLOAT16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.copyto(out, values, casting="unsafe")
+    return out.view(np.uint16)
 
 
-@pytest.fixture(params=["numba", "numpy"])
-def kernels(request, monkeypatch):
-    if request.param == "numba":
-        pytest.importorskip("numba")
-    monkeypatch.setenv("DISTSGD_KERNELS", request.param)
-    return request.param
+def widen_bfloat16_(bits: np.ndarray, out: np.ndarray) -> None:
+    np.copyto(out, bits.view(BFLOAT16))
 
 
-def test_rounding_is_to_nearest_even_over_random_bit_patterns(kernels):
+def test_rounding_is_to_nearest_even_over_random_bit_patterns():
     bits = np.random.default_rng(0).integers(0, 2 ** 32, 200_000, dtype=np.uint64)
     values = bits.astype(np.uint32).view(np.float32)
     values = values[~np.isnan(values)]
@@ -62,11 +63,11 @@ def test_rounding_is_to_nearest_even_over_random_bit_patterns(kernels):
     (1e-45, 0x0000),  # the smallest subnormal rounds to zero
     (1.1754942e-38, 0x0080),  # the largest subnormal rounds up to the smallest normal
 ])
-def test_special_values(kernels, value, bits):
+def test_special_values(value, bits):
     assert rounded(np.array([value], np.float32))[0] == bits
 
 
-def test_nan_stays_nan_even_when_its_payload_would_carry(kernels):
+def test_nan_stays_nan_even_when_its_payload_would_carry():
     nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0xFF80FFFF],
                     np.uint32).view(np.float32)
     widened = np.zeros(nans.size, np.float32)
@@ -75,7 +76,7 @@ def test_nan_stays_nan_even_when_its_payload_would_carry(kernels):
     np.testing.assert_array_equal(np.signbit(widened), np.signbit(nans))
 
 
-def test_widening_is_exact_and_undoes_rounding_of_bfloat16_values(kernels):
+def test_widening_is_exact_and_undoes_rounding_of_bfloat16_values():
     bits = np.random.default_rng(1).integers(0, 2 ** 16, 50_000).astype(np.uint16)
     widened = np.zeros(bits.size, np.float32)
     widen_bfloat16_(bits, widened)
@@ -84,15 +85,14 @@ def test_widening_is_exact_and_undoes_rounding_of_bfloat16_values(kernels):
     np.testing.assert_array_equal(rounded(widened[finite]), bits[finite])
 
 
-def test_numba_and_numpy_give_the_same_bits(monkeypatch):
-    pytest.importorskip("numba")
-    values = np.random.default_rng(2).integers(0, 2 ** 32, 100_000, dtype=np.uint64) \
-        .astype(np.uint32).view(np.float32)  # NaNs included
-    results = {}
-    for name in ("numba", "numpy"):
-        monkeypatch.setenv("DISTSGD_KERNELS", name)
-        results[name] = rounded(values)
-    np.testing.assert_array_equal(results["numba"], results["numpy"])
+def test_bfloat16_carries_only_summed_float32_buckets():
+    transport = make_transport("bfloat16")
+    assert isinstance(transport, BFloat16Transport)
+    assert isinstance(make_transport(None), ExactTransport)
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert transport.carries(f32, Route.SUM) and transport.carries(f32, Route.MEAN)
+    assert not transport.carries(f64, Route.SUM)
+    assert not transport.carries(f32, Route.FIRST) and not transport.carries(f32, Route.LOCAL)
 
 
 @pytest.mark.parametrize("elements", [1, 2, 3, 7, 8, 1000, 1001])
