@@ -93,6 +93,16 @@ class InverseTimeDecay(_DecayByProgress):
             _F32(1) + _F32(self.decay_rate) * self._progress(step))
 
 
+def _as_tensor(value: Any) -> np.ndarray:
+    """``value`` as ``tf.convert_to_tensor`` types it: Python floats as float32, Python
+    ints as int32 (int64 beyond its range), numpy values keep their dtype."""
+    if isinstance(value, np.generic | np.ndarray):
+        return np.asarray(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return np.asarray(value, np.int32 if -2**31 <= value < 2**31 else np.int64)
+    return np.asarray(value, np.float32)
+
+
 class PiecewiseConstantDecay(LearningRateSchedule):
     """``values[0]`` up to ``boundaries[0]``, ``values[i+1]`` on ``(b_i, b_{i+1}]``, then last."""
 
@@ -112,9 +122,13 @@ class PiecewiseConstantDecay(LearningRateSchedule):
         self.boundaries, self.values, self.name = boundaries, values, name
 
     def __call__(self, step: Any) -> np.float32:
-        position = int(np.searchsorted(np.asarray(self.boundaries, dtype=np.float64),
-                                       float(step), side="left"))
-        return _F32(self.values[position])
+        """As TF compares: each boundary becomes a tensor (a Python float a float32, an
+        int an int32), is cast to the step's dtype, and ``step <= boundary`` is decided
+        in that dtype (so ``2.99999999`` is float32's ``3.0``)."""
+        step = _as_tensor(step)
+        bounds = np.array([_as_tensor(b).astype(step.dtype) for b in self.boundaries],
+                          dtype=step.dtype)
+        return _F32(self.values[int(np.searchsorted(bounds, step, side="left"))])
 
     def get_config(self) -> dict[str, Any]:
         return {"boundaries": self.boundaries, "values": self.values, "name": self.name}
