@@ -38,6 +38,7 @@ __all__ = [
     "dense_kernels",
     "gradient_descent_",
     "keras_momentum_",
+    "numba_cache_dir",
     "sparse_gradient_descent_",
     "sparse_keras_momentum_",
 ]
@@ -164,18 +165,36 @@ _numba_lock = threading.Lock()
 def compiled(name: str, build: Callable[[Callable[..., Any]], Any]) -> Any:
     """``build(jit)`` with ``jit`` = numba's ``njit(nogil=True, cache=True)``, made once per
     process and kept under ``name``; None without numba or with ``DISTSGD_KERNELS=numpy``
-    (read on every call, so tests can compare both)."""
+    (read on every call, so tests can compare both).
+
+    The compiled machine code is cached in ``NUMBA_CACHE_DIR`` if set, else in
+    :func:`numba_cache_dir`, never inside the installed package (which may be read-only,
+    and is shared by every user of it).
+    """
     if os.environ.get("DISTSGD_KERNELS", "").lower() == "numpy":
         return None
     with _numba_lock:
         if name not in _compiled:
             try:
-                from numba import njit
+                from numba import config, njit
             except ImportError:
                 _compiled[name] = None
             else:
-                _compiled[name] = build(njit(nogil=True, cache=True))
+                previous = config.CACHE_DIR
+                if not os.environ.get("NUMBA_CACHE_DIR"):
+                    config.CACHE_DIR = numba_cache_dir()  # read when a function is decorated
+                try:
+                    _compiled[name] = build(njit(nogil=True, cache=True))
+                finally:
+                    config.CACHE_DIR = previous
         return _compiled[name]
+
+
+def numba_cache_dir() -> str:
+    """Where distsgd's compiled kernels are cached: ``$XDG_CACHE_HOME/distsgd/numba``
+    (default ``~/.cache/distsgd/numba``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "distsgd", "numba")
 
 
 def _build_sgd(jit: Callable[..., Any]) -> tuple[Callable[..., None], Callable[..., None]]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import operator
 import time
 import weakref
 from collections import OrderedDict
@@ -65,6 +66,12 @@ from distsgd.variables import Variable
 
 __all__ = ["ChunkConsumer", "ChunkPart", "GradientAggregator", "Kind", "MismatchError",
            "Reduction", "StepPlan"]
+
+
+#: A chunk that needs no message is read where its gradients lie if it has at most this
+#: many pieces; one of more (small tensors) is packed first, so that one update call
+#: covers them all.
+MAX_PIECES_IN_PLACE = 4
 
 
 class Kind(enum.IntFlag):
@@ -169,6 +176,7 @@ class GradientAggregator:
         # bounded: programs that pass ever-new variable lists (or None patterns) must not
         # accumulate signatures or plans
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
+        self._last_signature: tuple[tuple[Variable, ...], _Signature] | None = None
         self._plans: OrderedDict[tuple[Any, ...], StepPlan] = OrderedDict()
         self._results = ScratchBuffers()  # kept results: one array per dtype
         self._chunk_buffers = ScratchBuffers()  # streamed chunks
@@ -267,7 +275,10 @@ class GradientAggregator:
         return plan
 
     def _signature(self, variables: Sequence[Variable]) -> _Signature:
-        key = tuple(v._unique_id for v in variables)
+        last = self._last_signature
+        if last is not None and last[0] is variables:  # the same tuple as the last step's
+            return last[1]
+        key = tuple(map(_unique_id, variables))
         cached = _lookup(self._signatures, key)
         if cached is None:
             crossing = [i for i, v in enumerate(variables) if route_of(v) is not Route.LOCAL]
@@ -276,6 +287,8 @@ class GradientAggregator:
             digest = hashlib.blake2b(repr(items).encode(), digest_size=8).digest()
             cached = _Signature(items, digest, crossing)
             _store(self._signatures, key, cached)
+        if isinstance(variables, tuple):  # (a GradientBuffer passes the same one each step)
+            self._last_signature = (variables, cached)
         return cached
 
     def _transport_of(self, dtype: np.dtype, route: Route) -> Transport | None:
@@ -375,13 +388,17 @@ class GradientAggregator:
             source = None if sources is None else sources[bucket.index]
             if source is not None:
                 values = source[chunk.start:chunk.stop]
-            elif bucket.route is Route.LOCAL:
+            elif bucket.route is Route.LOCAL and len(chunk.pieces) <= MAX_PIECES_IN_PLACE:
                 local.extend((chunk, view, offset) for view, offset in chunk.views(grads))
                 continue
             else:
                 values = self._chunk_buffers.get(bucket.dtype, chunk.size)
             if bucket.route is Route.LOCAL:
-                local.append((chunk, values, 0))
+                if source is None:  # many small gradients: one packed run, one update
+                    chunk.pack_(grads, values)
+                    consumer.consume(((chunk, values, 0),))
+                else:
+                    local.append((chunk, values, 0))
                 continue
             self._reduce_chunk_(plan, chunk, values, grads, source is not None, label)
             consumer.consume(((chunk, values, 0),))
@@ -490,6 +507,7 @@ def _kind(grad: Any) -> int:
 
 
 _CACHED = 64
+_unique_id = operator.attrgetter("_unique_id")
 
 
 def _lookup(cache: OrderedDict, key: Any) -> Any:

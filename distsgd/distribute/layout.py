@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -154,14 +155,36 @@ class Chunk:
         return self.stop - self.start
 
     def pack_(self, grads: Sequence[Any], out: np.ndarray) -> None:
-        """Copy this chunk's gradient elements into ``out``; a ``None`` gradient is zeros."""
+        """Copy this chunk's gradient elements into ``out``; a ``None`` gradient is zeros.
+
+        Runs of whole gradients are copied by one ``np.concatenate`` each."""
+        for low, high, pieces in self._runs:
+            parts = [grads[piece.position] for piece in pieces]
+            if len(pieces) > 1 and not any(part is None for part in parts):
+                np.concatenate(parts, axis=None, out=out[low:high])
+                continue
+            for piece, grad in zip(pieces, parts, strict=True):
+                target = out[piece.offset:piece.offset + piece.size]
+                if grad is None:
+                    target.fill(0)
+                else:
+                    np.copyto(target, grad.reshape(-1)[piece.start:piece.stop])
+
+    @functools.cached_property
+    def _runs(self) -> list[tuple[int, int, tuple[Piece, ...]]]:
+        """``(low, high, pieces)``: the pieces split into runs of whole gradients (a piece
+        of a gradient is a run of its own)."""
+        sizes = {entry.position: entry.size for entry in self.bucket.entries}
+        runs: list[list[Piece]] = []
+        previous_whole = False
         for piece in self.pieces:
-            target = out[piece.offset:piece.offset + piece.size]
-            grad = grads[piece.position]
-            if grad is None:
-                target.fill(0)
+            whole = piece.start == 0 and piece.stop == sizes[piece.position]
+            if whole and previous_whole:
+                runs[-1].append(piece)
             else:
-                np.copyto(target, grad.reshape(-1)[piece.start:piece.stop])
+                runs.append([piece])
+            previous_whole = whole
+        return [(r[0].offset, r[-1].offset + r[-1].size, tuple(r)) for r in runs]
 
     def views(self, grads: Sequence[Any]) -> list[tuple[np.ndarray, int]] | None:
         """``(elements, offset in the chunk)`` per piece, read where the gradients lie;

@@ -109,7 +109,7 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         # the strategy whose variables this optimizer updates: the one whose scope it
         # was created in, else that of the variables of its first step
         self._strategy = get_strategy() if has_strategy() else None
-        self._last_strategy: tuple[tuple[int, ...], Any] | None = None
+        self._last_strategy: tuple[Any, tuple[int, ...], Any, bool] | None = None
         self._plans: OrderedDict[StepPlan, _PlanData] = OrderedDict()
         self._minimize_buffer: GradientBuffer | None = None  # minimize()'s gradients
         self._engine = UpdateEngine(self._update_flat_)
@@ -144,10 +144,9 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         """
         del name
         checked = validate_pairs(grads_and_vars)
-        strategy = self._strategy_for(checked.variables, "apply_gradients")
+        strategy, distinct = self._strategy_for(checked.variables, "apply_gradients")
         streamed = self._elementwise_slot_names() is not None and self.clipnorm is None \
-            and self.global_clipnorm is None and not self.skip_nonfinite_steps \
-            and len(set(map(id, checked.variables))) == len(checked.variables)
+            and self.global_clipnorm is None and not self.skip_nonfinite_steps and distinct
         consumer = _StreamedUpdate(self, checked.variables) if streamed else None
         reduction = strategy.aggregator.reduce(
             checked.grads, checked.variables, step=self._step_count(),
@@ -188,19 +187,23 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         np.add(iterations._array, 1, out=iterations._array)
         return iterations
 
-    def _strategy_for(self, variables: Sequence[Variable], what: str) -> Any:
+    def _strategy_for(self, variables: Sequence[Variable], what: str) -> tuple[Any, bool]:
         """The strategy of ``variables`` (see ``strategy_of``), which this optimizer, its
-        iterations and slots then belong to."""
+        iterations and slots then belong to; and whether each variable is listed once."""
+        last = self._last_strategy
+        if last is not None and last[0] is variables:  # a GradientBuffer's, every step
+            return last[2], last[3]
         key = tuple(map(_unique_id, variables))
-        if self._last_strategy is not None and self._last_strategy[0] == key:
-            return self._last_strategy[1]
+        if last is not None and last[1] == key:
+            return last[2], last[3]
         strategy = strategy_of(variables, self._strategy, what=f"{self._name}.{what}")
         if self._strategy is None:
             self._strategy = strategy
             for weight in self._weights:
                 weight._distribute_strategy = strategy
-        self._last_strategy = (key, strategy)
-        return strategy
+        distinct = len(set(key)) == len(key)
+        self._last_strategy = (variables, key, strategy, distinct)
+        return strategy, distinct
 
     def _plan_data(self, plan: StepPlan, variables: Sequence[Variable]) -> _PlanData:
         """This optimizer's data for ``plan`` (made once); warns about variables without

@@ -18,6 +18,7 @@ from distsgd.variables import Variable
 __all__ = ["FLOAT_DTYPES", "Checked", "validate_gradient", "validate_pairs"]
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = frozenset(FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -49,20 +50,27 @@ def validate_pairs(grads_and_vars: Any) -> Checked:
         raise TypeError(f"grads_and_vars={grads_and_vars!r}; expected an iterable of "
                         "(gradient, variable) pairs") from None
     grads, variables = [], []
+    all_dense = True
     for i, item in enumerate(items):
-        if not isinstance(item, tuple | list) or len(item) != 2:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TypeError(f"grads_and_vars[{i}]={item!r}; expected a (gradient, variable) "
                             "pair")
         grad, var = item
         if not isinstance(var, Variable):
             raise TypeError(f"grads_and_vars[{i}] variable is {var!r}; expected a "
                             "distsgd.Variable")
-        if var.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"Invalid type {var.dtype} for variable {var.name!r}, expected: "
-                             f"{[d.name for d in FLOAT_DTYPES]}.")
-        grads.append(validate_gradient(grad, var, i))
+        storage = var._array
+        if type(grad) is np.ndarray and grad.dtype is storage.dtype and \
+                storage.dtype in _FLOATS and grad.shape == storage.shape:
+            grads.append(grad)  # the common case, checked without building any message
+        else:
+            if var.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"Invalid type {var.dtype} for variable {var.name!r}, "
+                                 f"expected: {[d.name for d in FLOAT_DTYPES]}.")
+            grad = validate_gradient(grad, var, i)
+            grads.append(grad)
+            all_dense = all_dense and type(grad) is np.ndarray
         variables.append(var)
-    all_dense = all(type(g) is np.ndarray for g in grads)
     buffer = GradientBuffer.holding(grads) if all_dense else None
     if buffer is not None and not buffer.is_for(variables):
         buffer = None
@@ -88,9 +96,8 @@ def validate_gradient(grad: Any, var: Variable, i: int) -> np.ndarray | IndexedS
     :class:`IndexedSlices` (int64 indices in range), or None."""
     if grad is None:
         return None
-    if type(grad) is np.ndarray and grad.dtype == var.dtype and grad.shape == var.shape \
-            and grad.flags.c_contiguous:
-        return grad  # the common case, checked without building any message
+    if type(grad) is np.ndarray and grad.dtype == var.dtype and grad.shape == var.shape:
+        return grad
     what = f"gradient for variable {var.name!r} (grads_and_vars[{i}])"
     if not isinstance(grad, IndexedSlices):
         array = _as_array(grad, var, what)

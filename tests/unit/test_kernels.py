@@ -1,5 +1,6 @@
 """Kernels: blocked == plain expression, one flat buffer == one call per tensor, no allocation."""
 
+import os
 import tracemalloc
 
 import numpy as np
@@ -195,3 +196,27 @@ def test_default_num_threads_splits_cores_between_local_ranks(monkeypatch):
     monkeypatch.setenv("DISTSGD_NUM_THREADS", "0")
     with pytest.raises(ValueError, match="DISTSGD_NUM_THREADS"):
         kernels.default_num_threads()
+
+
+def test_numba_caches_outside_the_package(tmp_path):
+    """Compiled kernels go to the user's cache directory (or NUMBA_CACHE_DIR), never into
+    the installed package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("numba")
+    package = Path(kernels.__file__).parent
+    before = set(package.rglob("*.nb[ic]"))
+    program = ("import numpy as np, distsgd; from distsgd.optimizers import SGD; "
+               "v = distsgd.Variable(np.zeros(8, np.float32)); "
+               "SGD(0.1, momentum=0.9).apply_gradients([(np.ones(8, np.float32), v)])")
+    for env in ({"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}):
+        environment = {k: v for k, v in os.environ.items()
+                       if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "DISTSGD_KERNELS")}
+        subprocess.run([sys.executable, "-c", program], check=True,
+                       env={**environment, **env})
+    assert list((tmp_path / "xdg" / "distsgd" / "numba").rglob("*.nbi"))
+    assert list((tmp_path / "numba").rglob("*.nbi"))
+    assert set(package.rglob("*.nb[ic]")) == before
