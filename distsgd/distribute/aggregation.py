@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from distsgd.distribute.comm import MismatchError, agree
+from distsgd.distribute.comm import MismatchError, agree, raise_if_stopping
 from distsgd.distribute.layout import (
     DEFAULT_CHUNK_BYTES,
     LOCAL_CHUNK_BYTES,
@@ -199,7 +199,8 @@ class GradientAggregator:
                 :class:`IndexedSlices`, or ``None`` (checked by the caller).
             variables: the variables, in the same order on every rank.
             step: the step count (the optimizer's ``iterations``): ranks at different
-                steps raise :class:`MismatchError`.
+                steps raise :class:`MismatchError`; a stop request (SIGINT or SIGTERM on
+                any rank) raises ``StopRequested`` on every rank, before anything moves.
             all_dense: the caller promises every gradient is a dense array.
             buffer: the :class:`~distsgd.GradientBuffer` whose arrays ``grads`` are, if
                 any: its memory is reduced in place.
@@ -220,7 +221,7 @@ class GradientAggregator:
                          for g, v in zip(grads, variables, strict=True)]
                 all_dense = all_dense or not any(g is None for g in grads)
             label = f"gradient aggregation at step {step}"
-            plan = self._agree(grads, variables, label, all_dense, aggregate)
+            plan = self._agree(grads, variables, label, all_dense, aggregate, step)
             every = self.replica_check_every_steps
             if every and aggregate and self.replica_check is not None \
                     and (step + 1) % every == 0 and replica_state is not None:
@@ -234,20 +235,21 @@ class GradientAggregator:
                     grads[position] = to_dense(grad.values, grad.indices,
                                                variables[position].shape)
             sources = self._bucket_sources(plan, buffer, grads)
-            if consumer is None:
-                dense = self._reduce_kept(plan, grads, sources, label)
-            else:
-                self._reduce_streamed(plan, grads, sources, label, consumer)
-                dense = [None] * len(grads)
-            sparse = self._gather_sparse(plan, grads, variables, label)
-            finite = None
-            if check_finite:
-                finite = self._all_finite(dense, sparse, label)
+            with self.communicator.busy(label):  # a failure from here on is not agreed
+                if consumer is None:
+                    dense = self._reduce_kept(plan, grads, sources, label)
+                else:
+                    self._reduce_streamed(plan, grads, sources, label, consumer)
+                    dense = [None] * len(grads)
+                sparse = self._gather_sparse(plan, grads, variables, label)
+                finite = None
+                if check_finite:
+                    finite = self._all_finite(dense, sparse, label)
         return Reduction(plan, dense, sparse, finite)
 
     # --- agreement and plans ----------------------------------------------------------
     def _agree(self, grads: Sequence[Any], variables: Sequence[Variable], label: str,
-               all_dense: bool, aggregate: bool) -> StepPlan:
+               all_dense: bool, aggregate: bool, step: int) -> StepPlan:
         distributed = self.distributed and aggregate
         signature = self._signature(variables)
         local = None if all_dense else bytes(map(_kind, grads))
@@ -257,8 +259,10 @@ class GradientAggregator:
         if distributed:
             crossing = [] if local is None else [local[i] for i in signature.crossing]
             flag = int(any(kind != Kind.DENSE for kind in crossing))
-            if agree(self.communicator, label, signature.digest, flag, signature.items,
-                     _describe) and signature.crossing:
+            flags = agree(self.communicator, label, signature.digest, flag, signature.items,
+                          _describe)
+            raise_if_stopping(flags, label, step)
+            if flags & 1 and signature.crossing:
                 kinds = np.array(crossing or [Kind.DENSE] * len(signature.crossing),
                                  dtype=np.uint8)
                 self.communicator.allreduce_(kinds, "bor", what=f"{label}: gradient kinds")
@@ -266,6 +270,8 @@ class GradientAggregator:
                 for position, kind in zip(signature.crossing, kinds.tolist(), strict=True):
                     merged[position] = kind
                 shared = bytes(merged)
+        elif aggregate:  # one process: no collective, but a stop request still counts
+            raise_if_stopping(agree(self.communicator, label), label, step)
         key = (signature, local, shared, distributed)
         plan = _lookup(self._plans, key)
         if plan is None:

@@ -11,19 +11,29 @@ operation and the ranks that did not arrive, then aborts the job, never a hang.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from distsgd._validation import check_number
+from distsgd.distribute import interrupts
+from distsgd.distribute.interrupts import STOP_FLAGS, StopRequested
+from distsgd.distribute.watchdog import (
+    FINISHED,
+    WORKING,
+    Watchdog,
+    heartbeat_timeout_from_environment,
+    report,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -32,8 +42,10 @@ __all__ = [
     "MPICommunicator",
     "MismatchError",
     "SerialCommunicator",
+    "StopRequested",
     "agree",
     "launched_by_mpi",
+    "raise_if_stopping",
     "timeout_from_environment",
 ]
 
@@ -47,16 +59,14 @@ ABORT_GRACE_SECONDS = 3
 #: Before asking MPI to abort, a rank waits this long for the launcher to forward its
 #: last output (the launcher drops output in flight when it ends the job).
 OUTPUT_FORWARD_SECONDS = 1.0
-_REPORT_BYTES = 512
-_REPORT_TAG = 7311
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                        "MV2_COMM_WORLD_SIZE", "HYDI_CONTROL_FD")
 
 
 class CollectiveTimeoutError(RuntimeError):
-    """A collective did not complete within the deadline (a peer died, hung or diverged).
+    """A peer is frozen, dead, out of step, or absent past the deadline.
 
-    Reported by the watchdog, which then aborts the job (see :class:`_Watchdog`).
+    Reported by the watchdog, which then aborts the job (see ``watchdog``).
     """
 
 
@@ -120,10 +130,18 @@ class Communicator(Protocol):
     def abort(self, code: int = 1) -> None:
         """End the whole job."""
 
+    def begin(self, operation: str) -> None:
+        """Count the operation that starts now (its sequence number) and name it."""
+
+    def busy(self, operation: str) -> Any:
+        """Context manager around an operation's work after its check: a failure there
+        leaves the ranks out of step, so the next operation ends the job instead."""
+
 
 class MismatchError(ValueError):
     """Ranks are at different operations, or passed different data to the same one."""
 
+    agreed = True  # raised alike on every rank
 
 def agree(communicator: Any, operation: str, digest: bytes = b"", flags: int = 0,
           details: Sequence[Any] | None = None, describe: Any = repr,
@@ -145,8 +163,9 @@ def agree(communicator: Any, operation: str, digest: bytes = b"", flags: int = 0
         MismatchError: on every rank alike, saying which rank is at which operation and
             sequence number, or which ranks hold which item.
     """
-    sequence = communicator.operations
-    communicator.operations = sequence + 1
+    communicator.begin(operation)
+    sequence = communicator.operations - 1
+    flags |= interrupts.stop_flag()
     if communicator.size == 1:
         return flags
     mine = np.frombuffer(hashlib.blake2b(f"{sequence}|{operation}|".encode() + digest,
@@ -158,6 +177,16 @@ def agree(communicator: Any, operation: str, digest: bytes = b"", flags: int = 0
     everyone = communicator.allgather_object(
         (sequence, operation, list(details) if details is not None else None))
     raise MismatchError(_mismatch_message(everyone, describe, noun))
+
+
+def raise_if_stopping(flags: int, what: str, step: int | None = None) -> None:
+    """Raise :class:`StopRequested` if the agreed ``flags`` carry a stop request (every
+    rank has the same flags, so every rank raises alike)."""
+    for signum, bit in STOP_FLAGS.items():
+        if flags & bit:
+            name = signal.Signals(signum).name
+            raise StopRequested(f"stop requested ({name} on some rank): every rank stops "
+                                f"before {what}", name, step)
 
 
 def _mismatch_message(everyone: list[tuple[int, str, list[Any] | None]],
@@ -200,6 +229,13 @@ class SerialCommunicator:
     rank = 0
     size = 1
     operations = 0
+
+    def begin(self, operation: str) -> None:
+        self.operations += 1
+
+    @contextlib.contextmanager
+    def busy(self, operation: str) -> Iterator[None]:
+        yield
 
     def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: str = "",
                    send: np.ndarray | None = None) -> None:
@@ -247,10 +283,18 @@ def _check_root(root: int, size: int) -> None:
 class MPICommunicator:
     """Collectives over a private duplicate of an mpi4py communicator.
 
+    Every collective is under the watchdog (``watchdog``): heartbeats name a frozen or
+    dead peer within ``DISTSGD_HEARTBEAT_TIMEOUT`` seconds, and a wait for a live peer
+    computing elsewhere ends after ``timeout_seconds``. With more than one rank, SIGINT and
+    SIGTERM become stop requests (``interrupts``), an unhandled exception aborts the job
+    (:func:`install_abort_on_exception`), and at the end of the program every rank checks
+    that all the others finished too before MPI is finalized.
+
     Args:
         comm: an ``mpi4py.MPI.Comm``; ``None`` means ``MPI.COMM_WORLD``. It is
             ``Clone()``-d so distsgd's messages never mix with the caller's.
-        timeout_seconds: deadline of every collective (default: ``DISTSGD_TIMEOUT``).
+        timeout_seconds: how long a collective waits for a live peer that computes
+            outside distsgd (default: ``DISTSGD_TIMEOUT``, else 600).
     """
 
     def __init__(self, comm: Any = None, *, timeout_seconds: float | None = None) -> None:
@@ -259,73 +303,89 @@ class MPICommunicator:
         self._MPI = MPI
         self.timeout_seconds = (timeout_from_environment() if timeout_seconds is None else
                                 check_number("timeout_seconds", timeout_seconds, low=1e-3))
+        silence = heartbeat_timeout_from_environment()
         self._comm = (MPI.COMM_WORLD if comm is None else comm).Clone()
-        self._diagnostics = self._comm.Clone()  # only used after a deadline passed
-        self._watchdog: _Watchdog | None = None
-        self._lowest_live_rank = 0
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
         self.collectives = 0
         #: operations begun (see :func:`agree`): the sequence number of the next one
         self.operations = 0
-        self.rank = self._comm.Get_rank()
-        self.size = self._comm.Get_size()
+        self.operation = "start-up"  # the name of the current (or last) operation
+        #: why this rank left an operation partway (its peers cannot continue), if it did
+        self.broken: str | None = None
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "bor": MPI.BOR}
         self._in_place = MPI.IN_PLACE
+        self._watchdog: Watchdog | None = None
+        self._heartbeats = None
+        self._finished = False
+        if self.size > 1:
+            if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+                self._heartbeats = self._comm.Clone()
+            self._watchdog = Watchdog(
+                self._heartbeats, self.rank, self.size, timeout_seconds=self.timeout_seconds,
+                silence_seconds=silence, place=lambda: (self.operations, self.operation),
+                abort=self.abort)
+            interrupts.install(abort=self._abort_on_signal)
+            atexit.register(self.finish)  # after mpi4py's own: runs before MPI_Finalize
 
+    # --- operations ---------------------------------------------------------------------
+    def begin(self, operation: str) -> None:
+        if self.broken is not None:
+            report(self.rank, self.size, "error", f"{self.broken}; this rank left that "
+                   f"operation partway, so its peers cannot continue with {operation}; "
+                   "aborting the whole job (MPI_Abort)")
+            self.abort(1)
+        self.operations += 1
+        self.operation = operation
+
+    @contextlib.contextmanager
+    def busy(self, operation: str) -> Iterator[None]:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.state = WORKING
+        try:
+            yield
+        except BaseException as error:
+            if not getattr(error, "agreed", False):
+                self.broken = f"{operation} failed on rank {self.rank}: " \
+                              f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            if watchdog is not None and watchdog.state == WORKING:
+                watchdog.state = 0  # computing
+
+    def finish(self) -> None:
+        """The end of the program (run at exit): every rank must have finished too.
+
+        One operation check, "the end of its program", under the watchdog: a peer still
+        training is named (out of step), a frozen one too; then the heartbeats stop.
+        """
+        if self._finished or self.size == 1:
+            return
+        self._finished = True
+        try:
+            agree(self, "the end of its program (it finished)")
+        except MismatchError as error:
+            report(self.rank, self.size, "MismatchError", f"{error}; aborting the whole job "
+                   "(MPI_Abort)")
+            self.abort(1)
+        if self._watchdog is not None:
+            self._watchdog.state = FINISHED
+        self.free()
+
+    # --- collectives --------------------------------------------------------------------
     def _guarded(self, call: Any, what: Any, *args: Any, **kwargs: Any) -> Any:
         """Run the blocking MPI ``call`` with the watchdog armed (blocking calls are the
         fastest: MPICH's nonblocking collectives use slower schedules)."""
         self.collectives += 1
-        watchdog = self._watchdog or self._start_watchdog()
+        watchdog = self._watchdog
+        if watchdog is None:
+            return call(*args, **kwargs)
         watchdog.arm(what or "collective")
         try:
             return call(*args, **kwargs)
         finally:
             watchdog.disarm()
-
-    def _start_watchdog(self) -> _Watchdog:
-        self._watchdog = _Watchdog(self)
-        return self._watchdog
-
-    def _diagnose(self, what: Any) -> str:
-        """Ask every peer, on a separate communicator, where it is; name the silent ones.
-
-        Ranks stuck in the same deadline answer within the grace period; a rank that
-        died, hangs, or computes outside distsgd does not.
-        """
-        what = str(what)
-        grace = min(5.0, self.timeout_seconds)
-        mine = np.zeros(_REPORT_BYTES, dtype=np.uint8)
-        text = f"collective #{self.collectives}: {what}".encode()[:_REPORT_BYTES - 1]
-        mine[:len(text)] = np.frombuffer(text, dtype=np.uint8)
-        peers = [r for r in range(self.size) if r != self.rank]
-        inbox = {r: np.zeros(_REPORT_BYTES, dtype=np.uint8) for r in peers}
-        receives = {r: self._diagnostics.Irecv(inbox[r], source=r, tag=_REPORT_TAG)
-                    for r in peers}
-        for r in peers:
-            self._diagnostics.Isend(mine, dest=r, tag=_REPORT_TAG)
-        stop = time.monotonic() + grace
-        while time.monotonic() < stop and not all(q.Test() for q in receives.values()):
-            time.sleep(0.01)
-        silent = [r for r in peers if not receives[r].Test()]
-        same, elsewhere = [], []
-        for r in peers:
-            if r in silent:
-                continue
-            report = bytes(inbox[r]).rstrip(b"\0").decode(errors="replace")
-            (same if report == text.decode(errors="replace") else elsewhere).append(
-                f"rank {r} is at {report}")
-        parts = [f"rank {self.rank}/{self.size}: {what} did not complete within "
-                 f"{self.timeout_seconds:g} s (DISTSGD_TIMEOUT)"]
-        if silent:
-            parts.append(f"rank{'s' if len(silent) > 1 else ''} "
-                         f"{', '.join(map(str, silent))} did not arrive (dead, hung, or busy "
-                         "outside distsgd)")
-        if elsewhere:
-            parts.append("; ".join(elsewhere) + " (a different program path)")
-        if same:
-            parts.append(f"ranks {', '.join(s.split()[1] for s in same)} wait here too")
-        self._lowest_live_rank = min([self.rank] + [r for r in peers if r not in silent])
-        return "; ".join(parts)
 
     def allreduce_(self, buffer: np.ndarray, op: str = "sum", what: Any = "",
                    send: np.ndarray | None = None) -> None:
@@ -356,11 +416,17 @@ class MPICommunicator:
         self._guarded(self._comm.Alltoallv, what, [send, list(send_counts)],
                       [recv, list(recv_counts)])
 
-    def allgather_object(self, obj: Any) -> list[Any]:
-        return self._comm.allgather(obj)
+    def allgather_object(self, obj: Any, what: str = "metadata exchange") -> list[Any]:
+        return self._guarded(self._comm.allgather, what, obj)
 
     def barrier(self, what: str = "") -> None:
         self._guarded(self._comm.Barrier, what or "barrier")
+
+    # --- the end ------------------------------------------------------------------------
+    def _abort_on_signal(self, signum: int) -> None:
+        report(self.rank, self.size, "interrupted", f"second {signal.Signals(signum).name}: "
+               "aborting the whole job now (MPI_Abort)")
+        self.abort(128 + signum)
 
     def abort(self, code: int = 1) -> None:
         # On COMM_WORLD, MPICH asks the launcher to end every process. On any other
@@ -377,60 +443,24 @@ class MPICommunicator:
         self._MPI.COMM_WORLD.Abort(code)
 
     def free(self) -> None:
-        """Release the cloned communicators."""
-        self._diagnostics.Free()
-        self._comm.Free()
-
-
-class _Watchdog:
-    """A daemon thread that ends the job when a collective outlives the deadline.
-
-    ``arm``/``disarm`` are two attribute writes per collective. When a collective has
-    been waiting longer than the deadline, the watchdog asks the peers where they are
-    (on the separate diagnostics communicator), prints a
-    ``CollectiveTimeoutError`` naming the operation and the ranks that did not
-    arrive, and aborts the whole job: a collective cannot be cancelled, so no rank
-    could continue anyway.
-    """
-
-    def __init__(self, communicator: MPICommunicator) -> None:
-        self.communicator = communicator
-        self._armed: tuple[float, str] | None = None
-        self._thread = threading.Thread(target=self._run, name="distsgd-watchdog",
-                                        daemon=True)
-        self._thread.start()
-
-    def arm(self, what: Any) -> None:
-        self._armed = (time.monotonic(), what)
-
-    def disarm(self) -> None:
-        self._armed = None
-
-    def _run(self) -> None:
-        timeout = self.communicator.timeout_seconds
-        period = min(0.5, timeout / 4)
-        while True:
-            time.sleep(period)
-            armed = self._armed
-            if armed is None or time.monotonic() - armed[0] <= timeout:
-                continue
-            message = self.communicator._diagnose(armed[1])
-            if self._armed is not armed:  # it completed while we asked around
-                continue
-            sys.stderr.write(f"[distsgd rank {self.communicator.rank}/"
-                             f"{self.communicator.size}] {CollectiveTimeoutError.__name__}: "
-                             f"{message}; aborting the whole job (MPI_Abort)\n")
-            sys.stderr.flush()
-            if self.communicator._lowest_live_rank != self.communicator.rank:
-                time.sleep(2.0)  # let the lowest live rank report too, then end the job
-            self.communicator.abort(TIMEOUT_EXIT_CODE)
+        """Stop the watchdog and release the cloned communicators (no checks at exit)."""
+        self._finished = True
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        for comm in (self._heartbeats, self._comm):
+            if comm is not None:
+                comm.Free()
+        self._heartbeats = self._comm = None
 
 
 def install_abort_on_exception(communicator: Any) -> None:
     """Make an unhandled exception on this rank print its traceback and abort the job.
 
-    Without this, the other ranks would wait forever in their next collective.
-    Installed once per process (idempotent), as ``python -m mpi4py`` does.
+    Without this, the other ranks would wait forever in their next collective. When
+    several ranks fail at once (the same error everywhere), the lowest of them prints
+    the traceback and the others one line. Installed once per process (idempotent), as
+    ``python -m mpi4py`` does.
     """
     if getattr(sys.excepthook, "_distsgd_abort", False):
         return
@@ -440,10 +470,16 @@ def install_abort_on_exception(communicator: Any) -> None:
         if issubclass(kind, KeyboardInterrupt | SystemExit):
             previous(kind, value, tb)
             return
-        text = "".join(traceback.format_exception(kind, value, tb))
-        sys.stderr.write(f"[distsgd rank {communicator.rank}/{communicator.size}] unhandled "
-                         f"exception; aborting the whole job (MPI_Abort)\n{text}")
-        sys.stderr.flush()
+        summary = f"{kind.__name__}: {value}"
+        watchdog = getattr(communicator, "_watchdog", None)
+        first = watchdog.fail(summary) if watchdog is not None else communicator.rank
+        if first == communicator.rank:
+            text = "".join(traceback.format_exception(kind, value, tb))
+            report(communicator.rank, communicator.size, "unhandled exception",
+                   f"aborting the whole job (MPI_Abort)\n{text}".rstrip())
+        else:
+            report(communicator.rank, communicator.size, "unhandled exception",
+                   f"{summary} (rank {first} failed too and prints the traceback)")
         communicator.abort(1)
 
     excepthook._distsgd_abort = True  # type: ignore[attr-defined]
