@@ -51,8 +51,9 @@ from distsgd.distribute import Route, route_of, state_digest, strategy_of
 from distsgd.distribute.comm import agree
 from distsgd.variables import Variable, VariableAggregation
 
-__all__ = ["CheckpointError", "CheckpointWarning", "latest_checkpoint", "load_checkpoint",
-           "prepare_checkpoint_directory", "save_checkpoint", "state_digest"]
+__all__ = ["CheckpointError", "CheckpointWarning", "inspect_checkpoint", "latest_checkpoint",
+           "load_checkpoint", "prepare_checkpoint_directory", "save_checkpoint",
+           "state_digest"]
 
 FORMAT = "distsgd-checkpoint-2"
 _NAME = re.compile(r"ckpt-\d{10}")
@@ -132,6 +133,19 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     if named is not None and _NAME.fullmatch(named) and root / named in complete:
         return root / named
     return complete[-1] if complete else None
+
+
+def inspect_checkpoint(location: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
+    """(This process only, no collective.) The checkpoint ``location`` names (a
+    ``ckpt-*`` directory), or the newest one in it whose manifest is intact, with that
+    manifest (checksum and types verified; its arrays are verified when loaded); None if
+    there is none."""
+    path = Path(location)
+    candidates = [path] if _NAME.fullmatch(path.name) else _candidates(path)
+    for candidate in candidates:
+        with contextlib.suppress(CheckpointError, OSError):
+            return candidate, _read_manifest(candidate)
+    return None
 
 
 def _candidates(directory: Path) -> list[Path]:

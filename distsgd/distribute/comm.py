@@ -366,8 +366,8 @@ class MPICommunicator:
         try:
             agree(self, "the end of its program (it finished)")
         except MismatchError as error:
-            report(self.rank, self.size, "MismatchError", f"{error}; aborting the whole job "
-                   "(MPI_Abort)")
+            report(self.rank, self.size, "MismatchError", f"{str(error).rstrip('.')}; "
+                   "aborting the whole job (MPI_Abort)")
             self.abort(1)
         if self._watchdog is not None:
             self._watchdog.state = FINISHED
@@ -381,7 +381,7 @@ class MPICommunicator:
         watchdog = self._watchdog
         if watchdog is None:
             return call(*args, **kwargs)
-        watchdog.arm(what or "collective")
+        watchdog.arm(what or self.operation)
         try:
             return call(*args, **kwargs)
         finally:
@@ -416,7 +416,7 @@ class MPICommunicator:
         self._guarded(self._comm.Alltoallv, what, [send, list(send_counts)],
                       [recv, list(recv_counts)])
 
-    def allgather_object(self, obj: Any, what: str = "metadata exchange") -> list[Any]:
+    def allgather_object(self, obj: Any, what: str = "") -> list[Any]:
         return self._guarded(self._comm.allgather, what, obj)
 
     def barrier(self, what: str = "") -> None:
