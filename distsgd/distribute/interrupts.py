@@ -91,8 +91,10 @@ def wakeup_fd() -> int | None:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    if _state["wakeup"] is None:  # nobody reads the pipe: count here
+    if _state["wakeup"] is None:  # no pipe: count here
         _note(signum)
+    else:  # the pipe has the signal (the watchdog thread may have read it already)
+        drain()
 
 
 def drain() -> None:
