@@ -158,13 +158,16 @@ class GradientAggregator:
         replica_check: ``replica_check(state)`` proves the replicas agree on ``state``
             (the strategy's ``check_replicas``); run before the data moves of every
             ``replica_check_every_steps``-th step (steps counted from 1; 0: never).
+        position: ``position()`` names where in the data this rank is (the strategy's
+            ``data_position``); it is part of each step's operation check.
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
                  sparse_as_dense: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  transport: Transport | None = None,
                  replica_check: Callable[[Sequence[Variable]], Any] | None = None,
-                 replica_check_every_steps: int = 0) -> None:
+                 replica_check_every_steps: int = 0,
+                 position: Callable[[], str | None] | None = None) -> None:
         self.communicator = communicator
         self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.sparse_as_dense = sparse_as_dense
@@ -173,6 +176,7 @@ class GradientAggregator:
         self._exact = ExactTransport()
         self.replica_check = replica_check
         self.replica_check_every_steps = int(replica_check_every_steps)
+        self.position = position
         # bounded: programs that pass ever-new variable lists (or None patterns) must not
         # accumulate signatures or plans
         self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
@@ -220,7 +224,8 @@ class GradientAggregator:
                          if isinstance(g, IndexedSlices) else g
                          for g, v in zip(grads, variables, strict=True)]
                 all_dense = all_dense or not any(g is None for g in grads)
-            label = f"gradient aggregation at step {step}"
+            where = self.position() if self.position is not None else None
+            label = f"gradient aggregation at step {step}" + (f" ({where})" if where else "")
             plan = self._agree(grads, variables, label, all_dense, aggregate, step)
             every = self.replica_check_every_steps
             if every and aggregate and self.replica_check is not None \

@@ -38,7 +38,8 @@ class ShardedBatches:
             global batch size, and so the loss scale, fixed).
 
     Iterating an epoch yields ``(step, batch_arrays)``; ``steps_per_epoch`` is the
-    same on every rank, agreed collectively.
+    same on every rank, agreed collectively. Each batch handed out becomes the strategy's
+    ``data_position``, which the next ``apply_gradients`` checks across ranks.
     """
 
     def __init__(self, arrays: Sequence[Any], global_batch_size: int, strategy: Any, *,
@@ -74,4 +75,7 @@ class ShardedBatches:
         for step in range(start_step, self.steps_per_epoch):
             batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
             indices = batch[replica_share(len(batch), *share)]
+            # the next step's operation check compares it: ranks that skipped different
+            # batches (a retry loop) are named instead of pairing the wrong gradients
+            self.strategy.data_position = f"epoch {epoch}, batch {step}"
             yield step, [a[indices] for a in self.arrays]

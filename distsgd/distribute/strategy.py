@@ -102,6 +102,9 @@ class Strategy:
         self.check_replicas_every_steps = int(check_replicas_every_steps)
         self.repair_replicas = repair_replicas
         self._aggregator: GradientAggregator | None = None
+        #: where in the data this rank is (``ShardedBatches`` sets it): part of every
+        #: step's operation check, so ranks on different batches are named
+        self.data_position: str | None = None
 
     # --- the communicator and the aggregator, made on first use ----------------------
     def _make_communicator(self) -> Any:
@@ -124,7 +127,8 @@ class Strategy:
                 transport=make_transport(self.compression),
                 replica_check=lambda state: self.check_replicas(
                     state, repair=self.repair_replicas),
-                replica_check_every_steps=self.check_replicas_every_steps)
+                replica_check_every_steps=self.check_replicas_every_steps,
+                position=lambda: self.data_position)
         return self._aggregator
 
     @property

@@ -73,17 +73,21 @@ def test_stop_and_resume_equals_an_uninterrupted_run(mpirun, tmp_path, ranks):
     assert resumed == uninterrupted
 
 
-def test_corrupt_checkpoint_is_refused(mpirun, tmp_path):
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(mpirun, tmp_path):
     directory = tmp_path / "ckpt"
-    final_line(mpirun(2, "-m", "distsgd.train", "--epochs", "1", "--quiet",
-                      "--checkpoint-dir", directory, "--checkpoint-every", "5"))
+    common = ("-m", "distsgd.train", "--epochs", "2", "--quiet")
+    uninterrupted = final_line(mpirun(2, *common))
+    final_line(mpirun(2, *common, "--max-steps", "30", "--checkpoint-dir", directory,
+                      "--checkpoint-every", "10"))
     newest = directory / (directory / "latest").read_text().strip()
+    assert newest.name == "ckpt-0000000030"
     arrays = newest / "arrays.npz"
     arrays.write_bytes(arrays.read_bytes()[: arrays.stat().st_size // 2])
-    result = mpirun(2, "-m", "distsgd.train", "--epochs", "2", "--quiet",
-                    "--checkpoint-dir", directory, "--resume")
-    assert result.returncode != 0
+    result = mpirun(2, *common, "--checkpoint-dir", directory, "--resume")
+    assert final_line(result) == uninterrupted
+    assert "checkpoint ckpt-0000000030 is unusable" in result.stderr
     assert "arrays.npz is corrupt or truncated (sha256 mismatch)" in result.stderr
+    assert "loaded ckpt-0000000020 instead" in result.stderr
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
