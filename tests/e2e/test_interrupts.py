@@ -90,8 +90,13 @@ def test_a_second_signal_aborts_at_once(tmp_path):
     second ends the job there and then."""
     job = _start(2, PROGRAMS / "slow_steps.py", "60", "3")
     try:
-        _wait_for(lambda: len(_ranks_of(job, "slow_steps.py 60")) == 2)
-        time.sleep(3)
+        seen = set()
+        while len(seen) < 2:  # both ranks took step 0; rank 0 now computes for 60 s
+            line = job.stdout.readline()
+            assert line, job.communicate()
+            if line.strip().endswith("step 0"):
+                seen.add(line.split()[1])
+        time.sleep(1)
         victim = _ranks_of(job, "slow_steps.py 60")[0]
         os.kill(victim, signal.SIGINT)
         time.sleep(1)
