@@ -268,8 +268,10 @@ class Watchdog:
             if self._comm is None:
                 detail = "some rank did not arrive (heartbeats unavailable)"
             else:
-                detail = "; ".join(f"{self._where(p)}: alive, but not arriving"
-                                   for p in absent)
+                detail = "; ".join(
+                    f"{self._where(p)}: alive, but not arriving" if now - self._last_seen[p]
+                    < 3 * HEARTBEAT_SECONDS else f"{self._where(p)}: no heartbeat for "
+                    f"{now - self._last_seen[p]:.0f} s" for p in absent)
             return ("CollectiveTimeoutError",
                     f"{here}, which did not complete within {self.timeout_seconds:g} s "
                     f"(DISTSGD_TIMEOUT); {detail}", TIMEOUT_EXIT_CODE)

@@ -55,7 +55,7 @@ def _start_long_run(hosts, tmp_path):
                                          "--quiet", "--checkpoint-dir", tmp_path,
                                          "--checkpoint-every", "50"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=ROOT, env=_env(DISTSGD_TIMEOUT="3"), start_new_session=True)
+                           cwd=ROOT, env=_env(), start_new_session=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "latest").exists():  # training is under way on both hosts
         assert job.poll() is None, job.communicate()
@@ -115,7 +115,8 @@ def test_cutting_a_hosts_link_ends_the_job_naming_the_rank(hosts, tmp_path, jobs
     stdout, stderr = _finish(job)
     print(f"link cut: every rank ended {seconds:.1f} s after the cut")
     assert "final:" not in stdout
-    assert "CollectiveTimeoutError: rank 0/2" in stderr and "rank 1 did not arrive" in stderr
+    assert "CollectiveTimeoutError: rank 1 sent no heartbeat for 10 s" in stderr, stderr
+    assert seconds < 20
 
 
 def test_killing_a_hosts_ranks_ends_the_job(hosts, tmp_path, jobs):
@@ -129,4 +130,4 @@ def test_killing_a_hosts_ranks_ends_the_job(hosts, tmp_path, jobs):
     stdout, stderr = _finish(job)
     print(f"ranks killed: every rank ended {seconds:.1f} s after the kill")
     assert job.returncode != 0 and "final:" not in stdout
-    assert "BAD TERMINATION" in stdout + stderr or "did not arrive" in stderr
+    assert "BAD TERMINATION" in stdout + stderr or "sent no heartbeat" in stderr
