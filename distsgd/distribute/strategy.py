@@ -102,7 +102,7 @@ class Strategy:
         self.check_replicas_every_steps = int(check_replicas_every_steps)
         self.repair_replicas = repair_replicas
         self._aggregator: GradientAggregator | None = None
-        #: where in the data this rank is (``ShardedBatches`` sets it): part of every
+        #: where in the data this rank is (``ShardedBatches`` sets it): part of the next
         #: step's operation check, so ranks on different batches are named
         self.data_position: str | None = None
 
@@ -128,8 +128,13 @@ class Strategy:
                 replica_check=lambda state: self.check_replicas(
                     state, repair=self.repair_replicas),
                 replica_check_every_steps=self.check_replicas_every_steps,
-                position=lambda: self.data_position)
+                position=self._take_data_position)
         return self._aggregator
+
+    def _take_data_position(self) -> str | None:
+        """The data position for the step being checked; each batch counts once."""
+        position, self.data_position = self.data_position, None
+        return position
 
     @property
     def num_replicas_in_sync(self) -> int:
