@@ -32,15 +32,11 @@ One :meth:`GradientAggregator.reduce` call per step runs, on every rank in this 
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import math
 import operator
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,15 +44,20 @@ import numpy as np
 from distsgd.distribute.comm import MismatchError, agree, raise_if_stopping
 from distsgd.distribute.layout import (
     DEFAULT_CHUNK_BYTES,
-    LOCAL_CHUNK_BYTES,
-    Bucket,
     Chunk,
-    Entry,
     Route,
     bucket_source,
-    plan_buckets,
-    plan_chunks,
     route_of,
+)
+from distsgd.distribute.plans import (
+    LRU,
+    Kind,
+    Signature,
+    StepPlan,
+    build_plan,
+    describe,
+    kind_of,
+    signature_of,
 )
 from distsgd.distribute.transport import ExactTransport, Transport
 from distsgd.indexed_slices import IndexedSlices, to_dense
@@ -74,14 +75,6 @@ __all__ = ["ChunkConsumer", "ChunkPart", "GradientAggregator", "Kind", "Mismatch
 MAX_PIECES_IN_PLACE = 4
 
 
-class Kind(enum.IntFlag):
-    """What gradient a rank holds for a variable (bits, OR-ed across ranks)."""
-
-    NONE = 0
-    DENSE = 1
-    SPARSE = 2
-
-
 #: A reduced run of a chunk: ``(chunk, elements, offset of elements[0] in the chunk)``.
 ChunkPart = tuple[Chunk, np.ndarray, int]
 
@@ -96,36 +89,6 @@ class ChunkConsumer(Protocol):
         """Use reduced gradient elements (valid only during the call)."""
 
 
-@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cheap cache key
-class StepPlan:
-    """What one step moves, agreed by every rank; made once per variable list and kinds.
-
-    Positions index the step's (gradient, variable) pairs.
-    """
-
-    #: per position: ``None`` (no rank has a gradient), ``Kind.DENSE`` or ``Kind.SPARSE``
-    kinds: tuple[Kind | None, ...]
-    buckets: tuple[Bucket, ...]
-    chunks: tuple[Chunk, ...]
-    #: per bucket: how its sums cross ranks (None: it does not cross, or is broadcast)
-    transports: tuple[Transport | None, ...]
-    #: per bucket that crosses ranks: where its region starts in the kept results
-    result_offsets: dict[int, int]
-    #: elements of the kept results, per dtype
-    result_elements: dict[np.dtype, int]
-    #: positions with a sparse gradient (gathered if in ``gathered``)
-    sparse: tuple[int, ...]
-    gathered: tuple[int, ...]
-    #: positions sparse here but dense on another rank: made dense here
-    densify: tuple[int, ...]
-    #: positions some rank has a gradient for, and those none has
-    updated: tuple[int, ...]
-    missing: tuple[int, ...]
-    dense_elements: int
-    #: per GradientBuffer used with this plan: each bucket's memory in it (or None)
-    _sources: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
-
-
 @dataclass
 class Reduction:
     """The outcome of one :meth:`GradientAggregator.reduce` call."""
@@ -137,13 +100,6 @@ class Reduction:
     sparse: dict[int, IndexedSlices]
     #: whether every rank's aggregated gradients were finite (None: not checked)
     finite: bool | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class _Signature:
-    items: list[tuple[Any, ...]]
-    digest: bytes
-    crossing: list[int]  # positions whose gradients cross ranks
 
 
 class GradientAggregator:
@@ -179,9 +135,9 @@ class GradientAggregator:
         self.position = position
         # bounded: programs that pass ever-new variable lists (or None patterns) must not
         # accumulate signatures or plans
-        self._signatures: OrderedDict[tuple[int, ...], _Signature] = OrderedDict()
-        self._last_signature: tuple[tuple[Variable, ...], _Signature] | None = None
-        self._plans: OrderedDict[tuple[Any, ...], StepPlan] = OrderedDict()
+        self._signatures = LRU()  # variable ids -> Signature
+        self._last_signature: tuple[tuple[Variable, ...], Signature] | None = None
+        self._plans = LRU()  # (signature, kinds here, kinds everywhere, distributed) -> plan
         self._results = ScratchBuffers()  # kept results: one array per dtype
         self._chunk_buffers = ScratchBuffers()  # streamed chunks
 
@@ -257,7 +213,7 @@ class GradientAggregator:
                all_dense: bool, aggregate: bool, step: int) -> StepPlan:
         distributed = self.distributed and aggregate
         signature = self._signature(variables)
-        local = None if all_dense else bytes(map(_kind, grads))
+        local = None if all_dense else bytes(map(kind_of, grads))
         if local is not None and local.count(Kind.DENSE) == len(local):
             local = None  # stands for "all dense", the common case
         shared = local
@@ -265,7 +221,7 @@ class GradientAggregator:
             crossing = [] if local is None else [local[i] for i in signature.crossing]
             flag = int(any(kind != Kind.DENSE for kind in crossing))
             flags = agree(self.communicator, label, signature.digest, flag, signature.items,
-                          _describe)
+                          describe)
             raise_if_stopping(flags, label, step)
             if flags & 1 and signature.crossing:
                 kinds = np.array(crossing or [Kind.DENSE] * len(signature.crossing),
@@ -278,26 +234,24 @@ class GradientAggregator:
         elif aggregate:  # one process: no collective, but a stop request still counts
             raise_if_stopping(agree(self.communicator, label), label, step)
         key = (signature, local, shared, distributed)
-        plan = _lookup(self._plans, key)
+        plan = self._plans.lookup(key)
         if plan is None:
             dense = bytes(len(variables) * [Kind.DENSE])
-            plan = self._plan(variables, local or dense, shared or dense, distributed)
-            _store(self._plans, key, plan)
+            plan = build_plan(variables, local or dense, shared or dense, distributed,
+                              fusion_threshold_bytes=self.fusion_threshold_bytes,
+                              chunk_bytes=self.chunk_bytes, transport_of=self._transport_of)
+            self._plans.store(key, plan)
         return plan
 
-    def _signature(self, variables: Sequence[Variable]) -> _Signature:
+    def _signature(self, variables: Sequence[Variable]) -> Signature:
         last = self._last_signature
         if last is not None and last[0] is variables:  # the same tuple as the last step's
             return last[1]
         key = tuple(map(_unique_id, variables))
-        cached = _lookup(self._signatures, key)
+        cached = self._signatures.lookup(key)
         if cached is None:
-            crossing = [i for i, v in enumerate(variables) if route_of(v) is not Route.LOCAL]
-            items = [(variables[i].name, variables[i].shape, variables[i].dtype.str,
-                      self._route_label(variables[i])) for i in crossing]
-            digest = hashlib.blake2b(repr(items).encode(), digest_size=8).digest()
-            cached = _Signature(items, digest, crossing)
-            _store(self._signatures, key, cached)
+            cached = signature_of(variables, self._route_label)
+            self._signatures.store(key, cached)
         if isinstance(variables, tuple):  # (a GradientBuffer passes the same one each step)
             self._last_signature = (variables, cached)
         return cached
@@ -314,55 +268,14 @@ class GradientAggregator:
         exact = transport is None or isinstance(transport, ExactTransport)
         return route.value if exact else f"{route.value}, {transport.name}"
 
-    def _plan(self, variables: Sequence[Variable], local: bytes, shared: bytes,
-              distributed: bool) -> StepPlan:
-        kinds: list[Kind | None] = []
-        entries, sparse, gathered, densify = [], [], [], []
-        for position, (var, mine, everyone) in enumerate(zip(variables, local, shared,
-                                                             strict=True)):
-            # without crossing, every route is the identity: all dense gradients of a
-            # dtype share buckets (longer runs, fewer kernel calls)
-            route = route_of(var) if distributed else Route.LOCAL
-            if route is Route.LOCAL:
-                everyone = mine
-            if everyone == Kind.NONE:
-                kinds.append(None)
-            elif everyone & Kind.DENSE:  # dense everywhere, or mixed: dense (as TF adds)
-                kinds.append(Kind.DENSE)
-                entries.append(Entry(position, var.dtype, route, var.shape))
-                if mine == Kind.SPARSE:
-                    densify.append(position)
-            else:
-                kinds.append(Kind.SPARSE)
-                sparse.append(position)
-                if route is not Route.LOCAL:
-                    gathered.append(position)
-        buckets = plan_buckets(entries, self.fusion_threshold_bytes)
-        chunks = plan_chunks(buckets, self.chunk_bytes,
-                             None if distributed else LOCAL_CHUNK_BYTES)
-        offsets: dict[int, int] = {}
-        elements: dict[np.dtype, int] = {}
-        for bucket in buckets:
-            if bucket.route is not Route.LOCAL:
-                offsets[bucket.index] = elements.get(bucket.dtype, 0)
-                elements[bucket.dtype] = offsets[bucket.index] + bucket.size
-        return StepPlan(
-            kinds=tuple(kinds), buckets=tuple(buckets), chunks=tuple(chunks),
-            transports=tuple(self._transport_of(b.dtype, b.route) for b in buckets),
-            result_offsets=offsets, result_elements=elements, sparse=tuple(sparse),
-            gathered=tuple(gathered), densify=tuple(densify),
-            updated=tuple(i for i, k in enumerate(kinds) if k is not None),
-            missing=tuple(i for i, k in enumerate(kinds) if k is None),
-            dense_elements=sum(bucket.size for bucket in buckets))
-
     def _bucket_sources(self, plan: StepPlan, buffer: Any,
                         grads: Sequence[Any]) -> list[np.ndarray | None] | None:
         """Per bucket, the buffer's memory holding exactly its gradients, or None."""
         if buffer is None or plan.densify:
             return None
-        sources = plan._sources.get(buffer)
+        sources = plan.sources.get(buffer)
         if sources is None:
-            sources = plan._sources[buffer] = [bucket_source(b, grads) for b in plan.buckets]
+            sources = plan.sources[buffer] = [bucket_source(b, grads) for b in plan.buckets]
         return sources
 
     # --- dense gradients --------------------------------------------------------------
@@ -506,29 +419,4 @@ class _ChunkLabel:
                 f"{self.chunk.start}-{self.chunk.stop}")
 
 
-def _describe(item: tuple[str, tuple[int, ...], str, str]) -> str:
-    name, shape, dtype, route = item
-    return f"{name!r} shape {shape} {np.dtype(dtype).name} ({route})"
-
-
-def _kind(grad: Any) -> int:
-    if grad is None:
-        return Kind.NONE
-    return Kind.SPARSE if isinstance(grad, IndexedSlices) else Kind.DENSE
-
-
-_CACHED = 64
 _unique_id = operator.attrgetter("_unique_id")
-
-
-def _lookup(cache: OrderedDict, key: Any) -> Any:
-    value = cache.get(key)
-    if value is not None:
-        cache.move_to_end(key)
-    return value
-
-
-def _store(cache: OrderedDict, key: Any, value: Any) -> None:
-    cache[key] = value
-    while len(cache) > _CACHED:
-        cache.popitem(last=False)

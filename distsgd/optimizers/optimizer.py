@@ -33,7 +33,8 @@ import numpy as np
 from distsgd import clipping, kernels
 from distsgd._validation import check_number
 from distsgd.distribute import StepPlan, get_strategy, has_strategy, strategy_of
-from distsgd.distribute.aggregation import ChunkPart, Kind
+from distsgd.distribute.aggregation import ChunkPart
+from distsgd.distribute.plans import Kind
 from distsgd.gradients import GradientBuffer, gradients
 from distsgd.indexed_slices import IndexedSlices, deduplicate
 from distsgd.optimizers import schedules as schedules_lib

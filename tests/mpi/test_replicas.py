@@ -105,7 +105,7 @@ def test_fusion_threshold_does_not_change_results(strategy, threshold):
 
 
 def test_aggregation_caches_stay_bounded(strategy):
-    from distsgd.distribute import aggregation
+    from distsgd.distribute import aggregation, plans
 
     aggregator = aggregation.GradientAggregator(strategy.communicator,
                                                 fusion_threshold_bytes=1 << 20)
@@ -113,7 +113,7 @@ def test_aggregation_caches_stay_bounded(strategy):
         var = distsgd.Variable(np.zeros(i % 7 + 1), name=f"v{i}")
         result = aggregated(aggregator, [np.ones(i % 7 + 1)], [var], step=i)
         assert result[0].tolist() == [strategy.num_replicas_in_sync] * (i % 7 + 1)
-    assert len(aggregator._signatures) <= aggregation._CACHED
-    assert len(aggregator._plans) <= aggregation._CACHED
+    assert len(aggregator._signatures) <= plans.CACHED_PLANS
+    assert len(aggregator._plans) <= plans.CACHED_PLANS
     # results live in one array per dtype shared by all plans, not one per plan
     assert len(aggregator._results._buffers) <= 1
