@@ -4,11 +4,13 @@ Importing distsgd never initialises MPI.
 """
 
 from distsgd import distribute, optimizers
+from distsgd.accumulation import GradientAccumulator
 from distsgd.gradients import GradientBuffer, gradients, value_and_gradients
 from distsgd.indexed_slices import IndexedSlices
 from distsgd.variables import Variable, VariableAggregation, VariableSynchronization
 
 __all__ = [
+    "GradientAccumulator",
     "GradientBuffer",
     "IndexedSlices",
     "Variable",

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from distsgd.distribute.comm import MismatchError, agree, raise_if_stopping
+from distsgd.distribute.invariant import TreeStep
 from distsgd.distribute.layout import (
     DEFAULT_CHUNK_BYTES,
     Chunk,
@@ -59,7 +60,7 @@ from distsgd.distribute.plans import (
     kind_of,
     signature_of,
 )
-from distsgd.distribute.transport import ExactTransport, Transport
+from distsgd.distribute.transport import ExactTransport, Transport, TreeTransport
 from distsgd.indexed_slices import IndexedSlices, to_dense
 from distsgd.kernels import ScratchBuffers
 from distsgd.timeline import timeline
@@ -116,6 +117,8 @@ class GradientAggregator:
             ``replica_check_every_steps``-th step (steps counted from 1; 0: never).
         position: ``position()`` names where in the data this rank is (the strategy's
             ``data_position``); it is part of each step's operation check.
+        tree: world-size invariance: steps come as accumulators of this transport's M
+            micro-batches, combined in the canonical tree (see ``invariant``).
     """
 
     def __init__(self, communicator: Any, *, fusion_threshold_bytes: int,
@@ -123,7 +126,8 @@ class GradientAggregator:
                  transport: Transport | None = None,
                  replica_check: Callable[[Sequence[Variable]], Any] | None = None,
                  replica_check_every_steps: int = 0,
-                 position: Callable[[], str | None] | None = None) -> None:
+                 position: Callable[[], str | None] | None = None,
+                 tree: TreeTransport | None = None) -> None:
         self.communicator = communicator
         self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.sparse_as_dense = sparse_as_dense
@@ -133,6 +137,9 @@ class GradientAggregator:
         self.replica_check = replica_check
         self.replica_check_every_steps = int(replica_check_every_steps)
         self.position = position
+        #: the world-size-invariant combination (None: plain sums)
+        self.tree = tree
+        self._tree_step: TreeStep | None = None
         # bounded: programs that pass ever-new variable lists (or None patterns) must not
         # accumulate signatures or plans
         self._signatures = LRU()  # variable ids -> Signature
@@ -151,7 +158,8 @@ class GradientAggregator:
                all_dense: bool = False, buffer: Any = None,
                consumer: ChunkConsumer | None = None, aggregate: bool = True,
                check_finite: bool = False,
-               replica_state: Callable[[], Sequence[Variable]] | None = None) -> Reduction:
+               replica_state: Callable[[], Sequence[Variable]] | None = None,
+               accumulator: Any = None) -> Reduction:
         """Aggregate one step's gradients across ranks (all of the module's steps).
 
         Args:
@@ -169,11 +177,43 @@ class GradientAggregator:
             aggregate: False: the gradients are aggregated already; nothing crosses ranks.
             check_finite: agree on whether the aggregated gradients are all finite.
             replica_state: what the periodic replica check covers (called if it runs).
+            accumulator: a :class:`~distsgd.GradientAccumulator` holding the step's
+                micro-batches (then ``grads`` are ignored): summed, or, under a
+                world-size-invariant strategy, combined in the canonical tree.
 
         Raises:
             MismatchError: ranks at different steps or with different variables.
-            ValueError: from ``consumer.prepare`` (every rank alike).
+            ValueError: from ``consumer.prepare`` (every rank alike); plain gradients to
+                a world-size-invariant aggregator, or an incomplete accumulator (before
+                any collective).
         """
+        local_kinds = None
+        if accumulator is not None:
+            accumulator.check_complete()
+            if accumulator.invariant:
+                local_kinds = accumulator.local_kinds()
+                grads = [accumulator.sparse_of(i) if k == Kind.SPARSE else None
+                         for i, k in enumerate(local_kinds)]
+            else:
+                grads, buffer = accumulator.gradients()
+                all_dense = buffer is not None
+        elif self.tree is not None and aggregate:
+            raise ValueError(
+                "this strategy is world-size-invariant: pass the step's gradients as a "
+                "distsgd.GradientAccumulator (one micro-batch at a time, with its index); "
+                "plain gradients depend on how the batch was split across ranks")
+        self._tree_step = None
+        try:
+            return self._reduce(grads, variables, step, all_dense, buffer, consumer,
+                                aggregate, check_finite, replica_state, local_kinds,
+                                accumulator)
+        finally:
+            self._tree_step = None
+
+    def _reduce(self, grads: Sequence[Any], variables: Sequence[Variable], step: int,
+                all_dense: bool, buffer: Any, consumer: ChunkConsumer | None, aggregate: bool,
+                check_finite: bool, replica_state: Callable[[], Sequence[Variable]] | None,
+                local_kinds: bytes | None, accumulator: Any) -> Reduction:
         with timeline.span("aggregate"):
             if self.sparse_as_dense and aggregate:
                 grads = [to_dense(g.values, g.indices, v.shape)
@@ -182,14 +222,17 @@ class GradientAggregator:
                 all_dense = all_dense or not any(g is None for g in grads)
             where = self.position() if self.position is not None else None
             label = f"gradient aggregation at step {step}" + (f" ({where})" if where else "")
-            plan = self._agree(grads, variables, label, all_dense, aggregate, step)
+            plan = self._agree(grads, variables, label, all_dense, aggregate, step, local_kinds)
             every = self.replica_check_every_steps
             if every and aggregate and self.replica_check is not None \
                     and (step + 1) % every == 0 and replica_state is not None:
                 self.replica_check(replica_state())
             if consumer is not None:
                 consumer.prepare(plan)
-            if plan.densify:
+            if local_kinds is not None:  # the accumulator's tree, densified leaves and all
+                self._tree_step = TreeStep(accumulator, self.tree, self.communicator,
+                                           self._chunk_buffers)
+            elif plan.densify:
                 grads = list(grads)
                 for position in plan.densify:
                     grad = grads[position]
@@ -197,6 +240,8 @@ class GradientAggregator:
                                                variables[position].shape)
             sources = self._bucket_sources(plan, buffer, grads)
             with self.communicator.busy(label):  # a failure from here on is not agreed
+                if accumulator is not None:
+                    accumulator.reset()  # (it holds its values until they are reduced)
                 if consumer is None:
                     dense = self._reduce_kept(plan, grads, sources, label)
                 else:
@@ -210,14 +255,17 @@ class GradientAggregator:
 
     # --- agreement and plans ----------------------------------------------------------
     def _agree(self, grads: Sequence[Any], variables: Sequence[Variable], label: str,
-               all_dense: bool, aggregate: bool, step: int) -> StepPlan:
-        distributed = self.distributed and aggregate
+               all_dense: bool, aggregate: bool, step: int,
+               local_kinds: bytes | None = None) -> StepPlan:
+        # a tree step plans every route even in one process (MEAN divides by M there too)
+        distributed = (self.distributed or local_kinds is not None) and aggregate
         signature = self._signature(variables)
-        local = None if all_dense else bytes(map(kind_of, grads))
+        local = local_kinds if local_kinds is not None else \
+            None if all_dense else bytes(map(kind_of, grads))
         if local is not None and local.count(Kind.DENSE) == len(local):
             local = None  # stands for "all dense", the common case
         shared = local
-        if distributed:
+        if distributed and self.distributed:
             crossing = [] if local is None else [local[i] for i in signature.crossing]
             flag = int(any(kind != Kind.DENSE for kind in crossing))
             flags = agree(self.communicator, label, signature.digest, flag, signature.items,
@@ -231,7 +279,7 @@ class GradientAggregator:
                 for position, kind in zip(signature.crossing, kinds.tolist(), strict=True):
                     merged[position] = kind
                 shared = bytes(merged)
-        elif aggregate:  # one process: no collective, but a stop request still counts
+        if not self.distributed and aggregate:  # one process: a stop request still counts
             raise_if_stopping(agree(self.communicator, label), label, step)
         key = (signature, local, shared, distributed)
         plan = self._plans.lookup(key)
@@ -266,7 +314,10 @@ class GradientAggregator:
         route = route_of(var)
         transport = self._transport_of(var.dtype, route)
         exact = transport is None or isinstance(transport, ExactTransport)
-        return route.value if exact else f"{route.value}, {transport.name}"
+        label = route.value if exact else f"{route.value}, {transport.name}"
+        if self.tree is not None:
+            label += f", tree of {self.tree.micro_batches} micro-batches"
+        return label
 
     def _bucket_sources(self, plan: StepPlan, buffer: Any,
                         grads: Sequence[Any]) -> list[np.ndarray | None] | None:
@@ -293,7 +344,9 @@ class GradientAggregator:
             else:
                 send = views[0][0]
         what = _ChunkLabel(label, chunk)
-        if bucket.route is Route.FIRST:
+        if self._tree_step is not None:
+            self._tree_step.reduce_chunk_(chunk, target, what)
+        elif bucket.route is Route.FIRST:
             self.communicator.bcast_(target, root=0, what=what)
         else:
             plan.transports[bucket.index].allreduce_sum_(self.communicator, target, send, what)
@@ -312,6 +365,11 @@ class GradientAggregator:
             source = None if sources is None else sources[bucket.index]
             if source is not None:
                 values = source[chunk.start:chunk.stop]
+            elif self._tree_step is not None:
+                values = self._chunk_buffers.get(bucket.dtype, chunk.size)
+                self._reduce_chunk_(plan, chunk, values, grads, False, label)
+                consumer.consume(((chunk, values, 0),))
+                continue
             elif bucket.route is Route.LOCAL and len(chunk.pieces) <= MAX_PIECES_IN_PLACE:
                 local.extend((chunk, view, offset) for view, offset in chunk.views(grads))
                 continue
@@ -337,7 +395,7 @@ class GradientAggregator:
         regions: dict[int, np.ndarray] = {}
         flats = {dtype: self._results.get(dtype, n) for dtype, n in plan.result_elements.items()}
         for bucket in plan.buckets:
-            if bucket.route is Route.LOCAL:
+            if bucket.route is Route.LOCAL and self._tree_step is None:
                 continue  # the caller's gradients are the results
             source = None if sources is None else sources[bucket.index]
             start = plan.result_offsets[bucket.index]
@@ -385,8 +443,9 @@ class GradientAggregator:
             route = route_of(var)
             if route is Route.FIRST:
                 all_values, all_indices = all_values[:counts[0]], all_indices[:counts[0]]
-            elif route is Route.MEAN:
-                np.divide(all_values, size, out=all_values)
+            elif route is Route.MEAN:  # over the ranks, or the micro-batches of a tree
+                divisor = size if self.tree is None else self.tree.micro_batches
+                np.divide(all_values, divisor, out=all_values)
             result[position] = IndexedSlices(all_values, all_indices, var.shape)
         return result
 

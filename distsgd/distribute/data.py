@@ -79,3 +79,33 @@ class ShardedBatches:
             # batches (a retry loop) are named instead of pairing the wrong gradients
             self.strategy.data_position = f"epoch {epoch}, batch {step}"
             yield step, [a[indices] for a in self.arrays]
+
+    def micro_batches(self, epoch: int, start_step: int = 0, micro_batches: int | None = None
+                      ) -> Iterator[tuple[int, list[tuple[int, list[np.ndarray]]]]]:
+        """``(step, [(index, [array[indices] ...]) ...])``: this rank's micro-batches of each
+        global batch, numbered across the whole batch.
+
+        The global batch is cut into ``micro_batches`` parts (default: the strategy's M)
+        as :func:`replica_share` cuts it, whatever the number of ranks, and rank ``r``
+        takes the contiguous run ``replica_share(M, r, P)`` of them: so a micro-batch
+        holds the same examples at every world size (for a
+        :class:`~distsgd.GradientAccumulator`).
+        """
+        count = micro_batches or getattr(self.strategy, "micro_batches", None)
+        if count is None:
+            raise ValueError("micro_batches=None and the strategy has no micro_batches")
+        check_number("micro_batches", count, low=self.strategy.num_replicas_in_sync,
+                     what=f"an integer >= the {self.strategy.num_replicas_in_sync} ranks")
+        if count > self.global_batch_size:
+            raise ValueError(f"micro_batches={count} is more than the global batch of "
+                             f"{self.global_batch_size} examples")
+        order = self.order(epoch)
+        mine = replica_share(count, self.strategy.rank, self.strategy.num_replicas_in_sync)
+        for step in range(start_step, self.steps_per_epoch):
+            batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
+            self.strategy.data_position = f"epoch {epoch}, batch {step}"
+            parts = []
+            for index in range(mine.start, mine.stop):
+                indices = batch[replica_share(len(batch), index, count)]
+                parts.append((index, [a[indices] for a in self.arrays]))
+            yield step, parts

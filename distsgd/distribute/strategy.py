@@ -32,7 +32,7 @@ from distsgd.distribute.layout import (
     route_of,
 )
 from distsgd.distribute.replicas import check_replicas
-from distsgd.distribute.transport import check_compression, make_transport
+from distsgd.distribute.transport import TreeTransport, check_compression, make_transport
 from distsgd.variables import (
     Variable,
     VariableAggregation,
@@ -79,14 +79,34 @@ class Strategy:
             optimizer state at the start of every this many steps (0: never).
         repair_replicas: with the periodic check, re-broadcast rank 0's values instead
             of raising :class:`~distsgd.distribute.ReplicaDivergenceError`.
+        world_size_invariant: the same bits at any number of ranks: every step's
+            gradients come as a :class:`~distsgd.GradientAccumulator` of the global
+            batch's ``micro_batches`` micro-batches (rank ``r`` computes
+            ``replica_share(micro_batches, r, P)`` of them), combined in a canonical tree
+            of float additions (``distribute.tree``).
+        micro_batches: M, the micro-batches of each global batch (at least the number of
+            ranks); also the default of ``ShardedBatches.micro_batches``.
     """
 
     def __init__(self, communicator: Any = None, *,
                  fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
                  allreduce_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
-                 repair_replicas: bool = False, compression: str | None = None) -> None:
+                 repair_replicas: bool = False, compression: str | None = None,
+                 world_size_invariant: bool = False, micro_batches: int | None = None) -> None:
         check_number("fusion_threshold_bytes", fusion_threshold_bytes, low=0)
+        if not isinstance(world_size_invariant, bool):
+            raise TypeError(f"world_size_invariant={world_size_invariant!r}; expected a bool")
+        if micro_batches is not None:
+            check_number("micro_batches", micro_batches, low=1, what="an integer >= 1")
+            if int(micro_batches) != micro_batches:
+                raise TypeError(f"micro_batches={micro_batches!r}; expected an integer >= 1")
+        if world_size_invariant and micro_batches is None:
+            raise ValueError("world_size_invariant=True needs micro_batches=M: the global "
+                             "batch is cut into M micro-batches whatever the world size")
+        if world_size_invariant and compression is not None:
+            raise ValueError(f"compression={compression!r} with world_size_invariant=True: "
+                             "the invariant sums travel exactly; choose one")
         check_number("allreduce_chunk_bytes", allreduce_chunk_bytes, low=1,
                      what="a number of bytes >= 1")
         check_number("check_replicas_every_steps", check_replicas_every_steps, low=0)
@@ -101,6 +121,10 @@ class Strategy:
         self.sparse_as_dense = sparse_as_dense
         self.check_replicas_every_steps = int(check_replicas_every_steps)
         self.repair_replicas = repair_replicas
+        #: the same bits at any world size (see ``GradientAccumulator``)
+        self.world_size_invariant = world_size_invariant
+        #: micro-batches per global batch (None: not cut)
+        self.micro_batches = None if micro_batches is None else int(micro_batches)
         self._aggregator: GradientAggregator | None = None
         #: where in the data this rank is (``ShardedBatches`` sets it): part of the next
         #: step's operation check, so ranks on different batches are named
@@ -121,6 +145,14 @@ class Strategy:
     def aggregator(self) -> GradientAggregator:
         """The one owner of each step's collectives (see ``aggregation``)."""
         if self._aggregator is None:
+            tree = None
+            if self.world_size_invariant:
+                if self.num_replicas_in_sync > self.micro_batches:
+                    raise ValueError(
+                        f"micro_batches={self.micro_batches} with {self.num_replicas_in_sync} "
+                        "ranks: every rank needs at least one micro-batch (give at least "
+                        "as many micro-batches as ranks)")
+                tree = TreeTransport(self.micro_batches)
             self._aggregator = GradientAggregator(
                 self.communicator, fusion_threshold_bytes=self.fusion_threshold_bytes,
                 sparse_as_dense=self.sparse_as_dense, chunk_bytes=self.allreduce_chunk_bytes,
@@ -128,7 +160,7 @@ class Strategy:
                 replica_check=lambda state: self.check_replicas(
                     state, repair=self.repair_replicas),
                 replica_check_every_steps=self.check_replicas_every_steps,
-                position=self._take_data_position)
+                position=self._take_data_position, tree=tree)
         return self._aggregator
 
     def _take_data_position(self) -> str | None:
@@ -285,6 +317,7 @@ class MPIStrategy(Strategy):
             or 600 s); a peer that does not arrive raises ``CollectiveTimeoutError``.
         abort_on_exception: an unhandled exception on any rank prints its traceback
             and aborts the whole job (``MPI_Abort``) instead of leaving peers blocked.
+        world_size_invariant, micro_batches: see :class:`Strategy`.
     """
 
     def __init__(self, comm: Any = None, *,
@@ -292,12 +325,15 @@ class MPIStrategy(Strategy):
                  allreduce_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  sparse_as_dense: bool = False, check_replicas_every_steps: int = 0,
                  repair_replicas: bool = False, timeout_seconds: float | None = None,
-                 abort_on_exception: bool = True, compression: str | None = None) -> None:
+                 abort_on_exception: bool = True, compression: str | None = None,
+                 world_size_invariant: bool = False, micro_batches: int | None = None) -> None:
         super().__init__(None, fusion_threshold_bytes=fusion_threshold_bytes,
                          allreduce_chunk_bytes=allreduce_chunk_bytes,
                          sparse_as_dense=sparse_as_dense, compression=compression,
                          check_replicas_every_steps=check_replicas_every_steps,
-                         repair_replicas=repair_replicas)
+                         repair_replicas=repair_replicas,
+                         world_size_invariant=world_size_invariant,
+                         micro_batches=micro_batches)
         if timeout_seconds is not None:
             check_number("timeout_seconds", timeout_seconds, low=1e-3)
         self._comm = comm

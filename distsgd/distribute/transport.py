@@ -32,9 +32,10 @@ import numpy as np
 
 from distsgd.distribute.data import replica_share
 from distsgd.distribute.layout import Route
+from distsgd.distribute.tree import Node, TreeSum, pieces
 from distsgd.kernels import ScratchBuffers, compiled
 
-__all__ = ["COMPRESSIONS", "BFloat16Transport", "ExactTransport", "Transport",
+__all__ = ["COMPRESSIONS", "BFloat16Transport", "ExactTransport", "Transport", "TreeTransport",
            "check_compression", "make_transport", "shard_counts"]
 
 #: The accepted values of a strategy's ``compression`` argument.
@@ -101,6 +102,64 @@ class BFloat16Transport:
         _round_(total, shard)
         communicator.allgatherv_(shard.view(np.uint16), wire.view(np.uint16), counts, what)
         _widen_(wire, buffer)
+
+
+class TreeTransport:
+    """World-size-invariant sums: M micro-batches' gradients added in the canonical tree
+    (:mod:`~distsgd.distribute.tree`), whichever rank holds which micro-batch.
+
+    Rank ``r`` holds micro-batches ``replica_share(M, r, P)`` and brings the values of its
+    pieces (the maximal tree nodes inside them). One ``Alltoallv`` sends shard ``q`` of
+    every piece to rank ``q``; rank ``q`` finishes the tree over all pieces of its shard,
+    in node order; one ``Allgatherv`` gives every rank every shard. Each element's sum is
+    the same float additions in the same order at every world size: the result's bits
+    depend on M and the micro-batches' gradients only.
+    """
+
+    name = "tree"
+
+    def __init__(self, micro_batches: int) -> None:
+        self.micro_batches = int(micro_batches)
+        self._scratch = ScratchBuffers()
+
+    def nodes(self, rank: int, size: int) -> tuple[Node, ...]:
+        """The pieces rank ``rank`` of ``size`` brings."""
+        share = replica_share(self.micro_batches, rank, size)
+        return pieces(share.start, share.stop, self.micro_batches)
+
+    def reduce_(self, communicator: Any, values: list[np.ndarray], out: np.ndarray,
+                what: Any = "") -> None:
+        """The root of the tree into ``out``: ``values`` are this rank's pieces' elements
+        (each ``out.size`` long), in node order."""
+        size, rank = communicator.size, communicator.rank
+        if size == 1:
+            tree = TreeSum(self.micro_batches, lambda depth: self._scratch.get(
+                out.dtype, out.size, 8 + depth))
+            for node, piece in zip(self.nodes(0, 1), values, strict=True):
+                tree.push(node, piece)
+            np.copyto(out, tree.root())
+            return
+        counts = shard_counts(out.size, size)
+        everyone = [self.nodes(r, size) for r in range(size)]
+        mine = counts[rank]
+        send = self._scratch.get(out.dtype, len(values) * out.size, 0)
+        at = 0
+        for q in range(size):  # shard q of every piece, for rank q
+            shard = replica_share(out.size, q, size)
+            for piece in values:
+                np.copyto(send[at:at + counts[q]], piece[shard])
+                at += counts[q]
+        total = sum(len(nodes) for nodes in everyone)
+        received = self._scratch.get(out.dtype, total * mine, 1)
+        communicator.alltoallv_(send, [len(values) * c for c in counts], received,
+                                [len(nodes) * mine for nodes in everyone], what)
+        tree = TreeSum(self.micro_batches)  # sums in place in ``received``
+        at = 0
+        for nodes in everyone:  # rank order is node order
+            for node in nodes:
+                tree.push(node, received[at:at + mine])
+                at += mine
+        communicator.allgatherv_(tree.root(), out, counts, what)
 
 
 def _round_(source: np.ndarray, out: np.ndarray) -> None:

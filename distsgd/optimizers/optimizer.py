@@ -154,7 +154,8 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
             all_dense=checked.all_dense, buffer=checked.buffer, consumer=consumer,
             aggregate=experimental_aggregate_gradients,
             check_finite=self.skip_nonfinite_steps,
-            replica_state=lambda: (*checked.variables, *self._weights))
+            replica_state=lambda: (*checked.variables, *self._weights),
+            accumulator=checked.accumulator)
         if consumer is not None:
             data, apply_state = consumer.data, consumer.apply_state
             for position in reduction.plan.sparse:

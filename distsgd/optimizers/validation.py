@@ -31,6 +31,8 @@ class Checked:
     all_dense: bool
     #: the GradientBuffer whose arrays ``grads`` are, if they are
     buffer: GradientBuffer | None = None
+    #: the GradientAccumulator passed instead of pairs (``grads`` are then unused)
+    accumulator: Any = None
 
 
 def validate_pairs(grads_and_vars: Any) -> Checked:
@@ -39,6 +41,12 @@ def validate_pairs(grads_and_vars: Any) -> Checked:
     A :class:`~distsgd.GradientBuffer` (or ``zip(buffer.grads, buffer.variables)``) is
     recognised: its arrays were made to match, and it is reduced in place.
     """
+    from distsgd.accumulation import GradientAccumulator
+
+    if isinstance(grads_and_vars, GradientAccumulator):  # (its gradients: checked at add)
+        accumulator = grads_and_vars
+        return Checked((None,) * len(accumulator.variables), accumulator.variables, False,
+                       accumulator=accumulator)
     if type(grads_and_vars) is GradientBuffer:
         buffer = grads_and_vars
         if buffer.missing:
