@@ -200,8 +200,9 @@ class GradientAggregator:
         elif self.tree is not None and aggregate:
             raise ValueError(
                 "this strategy is world-size-invariant: pass the step's gradients as a "
-                "distsgd.GradientAccumulator (one micro-batch at a time, with its index); "
-                "plain gradients depend on how the batch was split across ranks")
+                "distsgd.GradientAccumulator (one micro-batch at a time, with its index), or "
+                "give minimize a list of (micro-batch index, loss) pairs; plain gradients "
+                "depend on how the batch was split across ranks")
         self._tree_step = None
         try:
             return self._reduce(grads, variables, step, all_dense, buffer, consumer,

@@ -113,6 +113,7 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         self._last_strategy: tuple[Any, tuple[int, ...], Any, bool] | None = None
         self._plans: OrderedDict[StepPlan, _PlanData] = OrderedDict()
         self._minimize_buffer: GradientBuffer | None = None  # minimize()'s gradients
+        self._accumulator: Any = None  # minimize()'s, for micro-batches
         self._engine = UpdateEngine(self._update_flat_)
         self._initial_decay = kwargs.get("decay") or 0.0
         #: distsgd extension (not in the config): skip a step whose aggregated gradients
@@ -305,10 +306,18 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         Variable operators); a non-scalar loss is summed, or weighted by ``grad_loss``.
         A callable ``var_list`` is evaluated after a first call of ``loss``.
 
+        ``loss`` may also be a list of ``(index, loss)`` pairs, one per micro-batch of
+        this rank (gradient accumulation): their gradients are combined by a
+        :class:`~distsgd.GradientAccumulator` (world-size-invariantly under such a
+        strategy: ``index`` is then the micro-batch's number in the global batch), and
+        one step is applied.
+
         The gradients are written into a :class:`~distsgd.GradientBuffer` that the
         optimizer keeps for its last ``var_list`` (the same variables, in order), so a
         step allocates no gradient copies and reduces them where they lie.
         """
+        if isinstance(loss, list | tuple):  # micro-batches: accumulate, then one step
+            return self._minimize_micro_batches(loss, var_list, grad_loss, name)
         variables = _resolve_var_list(loss, var_list)
         buffer = self._minimize_buffer
         if buffer is None or not buffer.is_for(variables):
@@ -321,6 +330,23 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         self._strategy_for(variables, "minimize")  # refuse before computing anything
         gradients(loss, variables, grad_loss, out=buffer)
         return self.apply_gradients(buffer, name)
+
+    def _minimize_micro_batches(self, losses: Sequence[tuple[int, Callable[[], Any]]],
+                                var_list: Any, grad_loss: Any, name: str | None) -> Variable:
+        from distsgd.accumulation import GradientAccumulator
+
+        variables = list(_flatten(var_list() if callable(var_list) else var_list))
+        accumulator = self._accumulator
+        if accumulator is None or len(accumulator.variables) != len(variables) or \
+                not all(map(operator.is_, accumulator.variables, variables)):
+            accumulator = self._accumulator = GradientAccumulator(variables)
+        for item in losses:
+            if not isinstance(item, tuple | list) or len(item) != 2 or not callable(item[1]):
+                raise TypeError(f"loss item {item!r}; expected (micro-batch index, loss "
+                                "callable) pairs")
+            index, micro_loss = item
+            accumulator.add(micro_loss, index=index, grad_loss=grad_loss)
+        return self.apply_gradients(accumulator, name)
 
     def get_gradients(self, loss: Callable[[], Any], params: Sequence[Variable]) -> list[Any]:
         """This replica's gradients of ``loss()`` w.r.t. ``params``, clipped as configured

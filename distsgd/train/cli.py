@@ -42,6 +42,8 @@ __all__ = ["main", "parse_args"]
 #: given on the command line (then the command line wins, with a note).
 DEFAULTS = {"learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "seed": 0,
             "batch_size": 64}
+#: --micro-batches with --world-size-invariant unless given (the most ranks it allows).
+DEFAULT_MICRO_BATCHES = 4
 #: Steps at the start of a run left out of its throughput (compilation, first touches).
 WARMUP_STEPS = 3
 
@@ -109,6 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compression", choices=[c for c in COMPRESSIONS if c], default=None,
                         help="send summed float32 gradients as bfloat16 (half the bytes, "
                              "lossy; pays on slow links)")
+    parser.add_argument("--world-size-invariant", action="store_true",
+                        help="the same weights and digest, to the bit, at any number of "
+                             "ranks (and without mpirun): each global batch is cut into "
+                             "--micro-batches M micro-batches, combined in a fixed tree")
+    parser.add_argument("--micro-batches", type=_positive_int, metavar="M",
+                        help="cut each global batch into M micro-batches and accumulate "
+                             "their gradients before the step (with --world-size-invariant "
+                             f"the default is {DEFAULT_MICRO_BATCHES}: up to that many ranks)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         help="a progress bar (default: when rank 0 writes to a terminal)")
     parser.add_argument("--quiet", action="store_true", help="only the final line (and "
@@ -123,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--checkpoint-every needs --checkpoint-dir")
     if args.momentum is not None and args.momentum > 1:
         parser.error(f"--momentum {args.momentum}: expected a number in [0, 1]")
+    if args.world_size_invariant and args.compression is not None:
+        parser.error("--world-size-invariant and --compression: the invariant sums travel "
+                     "exactly; choose one")
+    if args.world_size_invariant and args.micro_batches is None:
+        args.micro_batches = DEFAULT_MICRO_BATCHES
     args.explicit = {name for name in DEFAULTS if getattr(args, name) is not None}
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -138,6 +153,18 @@ def _dataset(args: argparse.Namespace) -> tuple[Dataset, list[int]]:
     hidden = max(1, (args.synthetic_params - classes) // (features + 1 + classes))
     data = synthetic(8192, features, classes, args.seed)
     return data, [features, hidden, classes]
+
+
+def _steps(batches: ShardedBatches, epoch: int, start_step: int,
+           micro_batches: int | None) -> Any:
+    """Per step, this rank's ``[(micro-batch index, (x, y))]`` (one part without
+    micro-batches)."""
+    if micro_batches is None:
+        for step, (x, y) in batches.epoch(epoch, start_step):
+            yield step, [(None, (x, y))]
+    else:
+        for step, parts in batches.micro_batches(epoch, start_step, micro_batches):
+            yield step, [(index, (x, y)) for index, (x, y) in parts]
 
 
 def _test_accuracy(model: MLP, data: Dataset, strategy: Any) -> float:
@@ -166,7 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = {} if args.fusion_threshold_bytes is None else \
         {"fusion_threshold_bytes": args.fusion_threshold_bytes}
-    strategy = MPIStrategy(compression=args.compression, **options)
+    strategy = MPIStrategy(compression=args.compression,
+                           world_size_invariant=args.world_size_invariant,
+                           micro_batches=args.micro_batches, **options)
+    if args.micro_batches and strategy.num_replicas_in_sync > args.micro_batches:
+        if strategy.rank == 0:
+            print(f"error: --micro-batches {args.micro_batches} with "
+                  f"{strategy.num_replicas_in_sync} ranks: every rank needs at least one "
+                  "micro-batch (give more micro-batches, or start fewer ranks)",
+                  file=sys.stderr, flush=True)
+        return 2
     try:
         return _train(args, strategy)
     except CheckpointError as error:  # raised alike on every rank: one line, from rank 0
@@ -196,6 +232,7 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
     # autograd writes the gradients straight into one flat buffer per dtype: apply_gradients
     # checks nothing per tensor and reduces them where they lie, with no packing copy
     grads = distsgd.GradientBuffer(variables)
+    accumulator = distsgd.GradientAccumulator(variables) if args.micro_batches else None
     batches = ShardedBatches([data.x_train, data.y_train], args.batch_size, strategy,
                              seed=args.seed)
     steps_per_epoch = batches.steps_per_epoch
@@ -218,7 +255,9 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
         return save_checkpoint(args.checkpoint_dir, step=global_step, variables=variables,
                                optimizer=optimizer,
                                state={"global_step": global_step, "seed": args.seed,
-                                      "batch_size": args.batch_size})
+                                      "batch_size": args.batch_size,
+                                      "micro_batches": args.micro_batches,
+                                      "world_size_invariant": args.world_size_invariant})
 
     test_accuracy = float("nan")
     saved_at = None
@@ -232,15 +271,22 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
             started = time.perf_counter()
             timeline.reset_totals()
             bar = report.progress(steps_per_epoch, start_step, epoch, args.epochs)
-            for _, (x, y) in batches.epoch(epoch, start_step):
+            for _, parts in _steps(batches, epoch, start_step, args.micro_batches):
+                value = 0.0
                 with timeline.span("compute"):
-                    value, _ = distsgd.value_and_gradients(
-                        lambda x=x, y=y: model.summed_loss(x, y) / args.batch_size,
-                        variables, out=grads)
-                optimizer.apply_gradients(grads)  # the variables' strategy aggregates
+                    for index, (x, y) in parts:
+                        def loss(x: Any = x, y: Any = y) -> Any:
+                            return model.summed_loss(x, y) / args.batch_size
+                        if accumulator is None:
+                            value += float(distsgd.value_and_gradients(loss, variables,
+                                                                       out=grads)[0])
+                        else:  # one micro-batch at a time
+                            value += float(accumulator.add(loss, index=index))
+                        examples += len(y)
+                # the variables' strategy aggregates
+                optimizer.apply_gradients(grads if accumulator is None else accumulator)
                 global_step += 1
-                loss_sum += float(value) * args.batch_size
-                examples += len(y)
+                loss_sum += value * args.batch_size
                 if global_step - start == WARMUP_STEPS:  # the throughput starts here
                     started, counted = time.perf_counter(), examples
                 bar.update(1)

@@ -77,6 +77,12 @@ def find(args: argparse.Namespace, strategy: Any, report: Reporter) -> Found | N
                         f"{value:g}" if not isinstance(value, bool) else
                         f"{option if getattr(args, name) else '--no-nesterov'} given: it "
                         f"replaces the checkpoint's {value}")
+    for name, option in (("micro_batches", "--micro-batches"),
+                         ("world_size_invariant", "--world-size-invariant")):
+        if name in state and state[name] != getattr(args, name):
+            raise CheckpointError(f"{path} was made with {option} {state[name]}; this run "
+                                  f"has {getattr(args, name)}: give the same setting to "
+                                  "continue its trajectory")
     for name, option in _DATA.items():
         value = saved[name]
         if name not in args.explicit and value is not None:
