@@ -337,22 +337,24 @@ class GradientAggregator:
         or sent from where they lie when the chunk is one piece, unless ``in_place``)."""
         started = time.perf_counter()
         bucket = chunk.bucket
-        send = None
-        if not in_place:
-            views = chunk.views(grads) if len(chunk.pieces) == 1 else None
-            if views is None or bucket.route is Route.FIRST:
-                chunk.pack_(grads, target)
-            else:
-                send = views[0][0]
         what = _ChunkLabel(label, chunk)
-        if self._tree_step is not None:
+        if self._tree_step is not None:  # the accumulator's pieces, not ``grads``
             self._tree_step.reduce_chunk_(chunk, target, what)
-        elif bucket.route is Route.FIRST:
-            self.communicator.bcast_(target, root=0, what=what)
         else:
-            plan.transports[bucket.index].allreduce_sum_(self.communicator, target, send, what)
-            if bucket.route is Route.MEAN:
-                np.divide(target, self.communicator.size, out=target)
+            send = None
+            if not in_place:
+                views = chunk.views(grads) if len(chunk.pieces) == 1 else None
+                if views is None or bucket.route is Route.FIRST:
+                    chunk.pack_(grads, target)
+                else:
+                    send = views[0][0]
+            if bucket.route is Route.FIRST:
+                self.communicator.bcast_(target, root=0, what=what)
+            else:
+                plan.transports[bucket.index].allreduce_sum_(self.communicator, target, send,
+                                                             what)
+                if bucket.route is Route.MEAN:
+                    np.divide(target, self.communicator.size, out=target)
         if timeline.recording:
             timeline.event(f"bucket {bucket.index + 1}", "aggregate", started,
                            time.perf_counter(), elements=chunk.size)
