@@ -20,6 +20,10 @@ Parts:
   transport  bfloat16 against exact gradient transport at 2 ranks: on one host, and
              (as root) between two emulated hosts over TCP, also with the link capped
              by tc at 4 and 1 Gbit/s
+  invariant  world-size invariance at 2 ranks: the aggregation of ResNet-50's gradients in
+             4 micro-batches, exact against the canonical tree and a fixed-point
+             prototype, with each one's error; the training job's samples/s with the
+             mode on and off at 1 and 2 ranks (benchmarks/invariance.py)
 """
 
 from __future__ import annotations
@@ -605,17 +609,20 @@ def main() -> int:
         if args.parts[0] == "memory":
             result = bench_memory(args.parts[1])
         else:
+            from benchmarks.invariance import bench_invariant
+
             result = {"aggregate": bench_aggregate, "update": bench_update,
-                      "transport": bench_transport}[args.parts[0]]()
+                      "transport": bench_transport,
+                      "invariant": bench_invariant}[args.parts[0]]()
         if result is not None:
             print(json.dumps(result))
         return 0
     chosen = args.parts or ["all"]
     unknown = set(chosen) - {"all", "update", "aggregate", "small", "memory", "scaling",
-                             "transport"}
+                             "transport", "invariant"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
-    parts = ["update", "small", "aggregate", "memory", "scaling", "transport"] \
+    parts = ["update", "small", "aggregate", "memory", "scaling", "transport", "invariant"] \
         if "all" in chosen \
         else chosen
     results: dict = {"machine": machine()}
@@ -634,6 +641,11 @@ def main() -> int:
         results["scaling"] = bench_scaling()
     if "transport" in parts:
         results["transport"] = transport_runs()
+    if "invariant" in parts:
+        from benchmarks.invariance import bench_invariant_job
+
+        results["invariant"] = {"aggregate": run_under_mpirun(2, "invariant"),
+                                "job": bench_invariant_job(ROOT)}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
     report(results)
@@ -699,6 +711,24 @@ def report(results: dict) -> None:
         for ranks, rate in sc["samples_per_second"].items():
             print(f"  {ranks} rank(s): {rate:12,.0f} samples/s   efficiency "
                   f"{sc['efficiency'][ranks]:.2f}")
+    if "invariant" in results:
+        inv = results["invariant"]
+        agg = inv["aggregate"]
+        print(f"\nworld-size invariance: aggregation of ResNet-50's gradients in "
+              f"{agg['micro_batches']} micro-batches at {agg['ranks']} ranks")
+        for name, ms in agg["ms"].items():
+            print(f"  {name:<40} {ms:8.1f} ms")
+        print(f"  tree / exact = {agg['tree_vs_exact']:.2f}; fixed point / exact = "
+              f"{agg['fixed_point_vs_exact']:.2f}")
+        for name, error in agg["errors"].items():
+            print(f"  error of {name:<12} relative median {error['median']:.2e}, max "
+                  f"{error['max']:.2e}; at most {error['max_over_float32_epsilon']:.2f} float32 "
+                  "epsilons of the terms' magnitude")
+        job = inv["job"]
+        for ranks in (1, 2):
+            off, on = (job["samples_per_second"][f"{ranks}-{m}"] for m in ("off", "on"))
+            print(f"  training job at {ranks} rank(s): {off:,.0f} samples/s off, {on:,.0f} on "
+                  f"({job['slowdown'][ranks]:.2f} x slower)")
     if "transport" in results:
         print("\nbfloat16 transport against exact float32 (ResNet-50 gradients, 2 ranks)")
         for run in results["transport"]:
