@@ -159,20 +159,41 @@ def sparse_keras_momentum_(
 # --- fused loops (numba, optional) -----------------------------------------------------
 
 _compiled: dict[str, Any] = {}
+_building: set[str] = set()
 _numba_lock = threading.Lock()
 
 
-def compiled(name: str, build: Callable[[Callable[..., Any]], Any]) -> Any:
+def compiled(name: str, build: Callable[[Callable[..., Any]], Any], *,
+             wait: bool = True) -> Any:
     """``build(jit)`` with ``jit`` = numba's ``njit(nogil=True, cache=True)``, made once per
     process and kept under ``name``; None without numba or with ``DISTSGD_KERNELS=numpy``
     (read on every call, so tests can compare both).
+
+    With ``wait=False`` the build (importing numba, then compiling, or loading the cache)
+    runs on a background thread and None is returned until it is done, so no step waits
+    for it: the numpy kernels give the same bits meanwhile. ``DISTSGD_KERNELS=numba``
+    always waits.
 
     The compiled machine code is cached in ``NUMBA_CACHE_DIR`` if set, else in
     :func:`numba_cache_dir`, never inside the installed package (which may be read-only,
     and is shared by every user of it).
     """
-    if os.environ.get("DISTSGD_KERNELS", "").lower() == "numpy":
+    choice = os.environ.get("DISTSGD_KERNELS", "").lower()
+    if choice == "numpy":
         return None
+    if name in _compiled:
+        return _compiled[name]
+    if wait or choice == "numba":
+        return _build(name, build)
+    with _numba_lock:
+        if name not in _building:
+            _building.add(name)
+            threading.Thread(target=_build, args=(name, build), daemon=True,
+                             name=f"distsgd-compile-{name}").start()
+    return _compiled.get(name)
+
+
+def _build(name: str, build: Callable[[Callable[..., Any]], Any]) -> Any:
     with _numba_lock:
         if name not in _compiled:
             try:
@@ -184,9 +205,10 @@ def compiled(name: str, build: Callable[[Callable[..., Any]], Any]) -> Any:
                 if not os.environ.get("NUMBA_CACHE_DIR"):
                     config.CACHE_DIR = numba_cache_dir()  # read when a function is decorated
                 try:
-                    _compiled[name] = build(njit(nogil=True, cache=True))
+                    functions = build(njit(nogil=True, cache=True))
                 finally:
                     config.CACHE_DIR = previous
+                _compiled[name] = functions
         return _compiled[name]
 
 
@@ -216,12 +238,17 @@ def _build_sgd(jit: Callable[..., Any]) -> tuple[Callable[..., None], Callable[.
                 accum[i] = a
                 var[i] = var[i] + a
 
+    for dtype in _FUSABLE_DTYPES:  # compile (or load from the cache) the usual signatures
+        one = np.zeros(1, dtype)
+        gradient_descent(one, one, dtype.type(0))
+        momentum(one, one.copy(), one, dtype.type(0), dtype.type(0), False)
     return gradient_descent, momentum
 
 
-def _numba() -> tuple[Callable[..., None], Callable[..., None]] | None:
-    """The compiled (gradient descent, momentum) loops, or None."""
-    return compiled("sgd", _build_sgd)
+def _numba(wait: bool = True) -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """The compiled (gradient descent, momentum) loops, or None (``wait=False``: until the
+    background build is done)."""
+    return compiled("sgd", _build_sgd, wait=wait)
 
 
 _FUSABLE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -238,7 +265,7 @@ def dense_kernels(dtype: np.dtype) -> DenseKernels:
     ``scratch`` is the calling thread's :class:`ScratchBuffers` (only numpy uses it).
     Resolve once per step, call per slice: both release the GIL.
     """
-    fused = _numba() if np.dtype(dtype) in _FUSABLE_DTYPES else None
+    fused = _numba(wait=False) if np.dtype(dtype) in _FUSABLE_DTYPES else None
     if fused is not None:
         fused_descent, fused_momentum = fused
         return (lambda var, grad, lr, scratch: fused_descent(var, grad, lr),

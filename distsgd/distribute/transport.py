@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Protocol
 
-import ml_dtypes
 import numpy as np
 
 from distsgd.distribute.data import replica_share
@@ -40,8 +39,20 @@ __all__ = ["COMPRESSIONS", "BFloat16Transport", "ExactTransport", "Transport", "
 
 #: The accepted values of a strategy's ``compression`` argument.
 COMPRESSIONS = (None, "bfloat16")
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _FLOAT32 = np.dtype(np.float32)
+
+
+def bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16 (imported on first use: the import alone takes about 1 s)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BFLOAT16":
+        return bfloat16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Transport(Protocol):
@@ -77,6 +88,7 @@ class BFloat16Transport:
 
     def __init__(self) -> None:
         self._scratch = ScratchBuffers()
+        self._bfloat16 = bfloat16()
 
     def carries(self, dtype: np.dtype, route: Route) -> bool:
         return dtype == _FLOAT32 and route in (Route.SUM, Route.MEAN)
@@ -86,9 +98,9 @@ class BFloat16Transport:
         elements, size, rank = buffer.size, communicator.size, communicator.rank
         counts = shard_counts(elements, size)
         mine = counts[rank]
-        wire = self._scratch.get(BFLOAT16, elements, 0)
+        wire = self._scratch.get(self._bfloat16, elements, 0)
         _round_(buffer if send is None else send, wire)
-        rows = self._scratch.get(BFLOAT16, size * mine, 1)
+        rows = self._scratch.get(self._bfloat16, size * mine, 1)
         # MPI moves the bits (uint16: mpi4py knows no bfloat16 buffers)
         communicator.alltoallv_(wire.view(np.uint16), counts, rows.view(np.uint16),
                                 (mine,) * size, what)
@@ -98,7 +110,7 @@ class BFloat16Transport:
         for q in range(1, size):  # float32, in rank order
             _widen_(rows[q * mine:(q + 1) * mine], addend)
             np.add(total, addend, out=total)
-        shard = self._scratch.get(BFLOAT16, mine, 3)
+        shard = self._scratch.get(self._bfloat16, mine, 3)
         _round_(total, shard)
         communicator.allgatherv_(shard.view(np.uint16), wire.view(np.uint16), counts, what)
         _widen_(wire, buffer)

@@ -138,7 +138,7 @@ def test_minimize_takes_micro_batches(strategy):
             opt = SGD(0.1, momentum=0.9)
         share = replica_share(micro_batches, strategy_.rank, strategy_.num_replicas_in_sync)
         for step in range(3):
-            opt.minimize([(m, lambda m=m: anp.sum(anp.sin(w * (m + step + 1)) ** 2))
+            opt.minimize([(m, lambda m=m, step=step: anp.sum(anp.sin(w * (m + step + 1)) ** 2))
                           for m in range(share.start, share.stop)], [w])
         return state_digest([w, *opt.weights])
 
