@@ -229,8 +229,8 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
         model = MLP(layer_sizes, seed=args.seed)
         optimizer = SGD(args.learning_rate, momentum=args.momentum, nesterov=args.nesterov)
     variables = model.variables
-    # autograd writes the gradients straight into one flat buffer per dtype: apply_gradients
-    # checks nothing per tensor and reduces them where they lie, with no packing copy
+    # the backward pass writes the gradients straight into one flat buffer per dtype:
+    # apply_gradients checks nothing per tensor and reduces them where they lie
     grads = distsgd.GradientBuffer(variables)
     accumulator = distsgd.GradientAccumulator(variables) if args.micro_batches else None
     batches = ShardedBatches([data.x_train, data.y_train], args.batch_size, strategy,
@@ -275,13 +275,12 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
                 value = 0.0
                 with timeline.span("compute"):
                     for index, (x, y) in parts:
-                        def loss(x: Any = x, y: Any = y) -> Any:
-                            return model.summed_loss(x, y) / args.batch_size
-                        if accumulator is None:
-                            value += float(distsgd.value_and_gradients(loss, variables,
-                                                                       out=grads)[0])
-                        else:  # one micro-batch at a time
-                            value += float(accumulator.add(loss, index=index))
+                        # the loss is scaled by the global batch: P ranks' summed gradients
+                        # are one process's on the whole batch
+                        target = grads if accumulator is None else accumulator.buffer
+                        value += model.loss_and_gradients(x, y, 1 / args.batch_size, target)
+                        if accumulator is not None:  # one micro-batch at a time
+                            accumulator.add(index=index)
                         examples += len(y)
                 # the variables' strategy aggregates
                 optimizer.apply_gradients(grads if accumulator is None else accumulator)
