@@ -51,33 +51,67 @@ def value_and_gradients(loss: Callable[[], Any], variables: Sequence[Variable],
     for i, var in enumerate(variables):
         first.setdefault(id(var), i)
     used: set[int] = set()
+    inputs: dict[int, Any] = {}  # position -> the box standing for the variable
 
     def traced(values: Any) -> Any:
         boxes = {key: values[i] for key, i in first.items()}
+        inputs.update({i: boxes[key] for key, i in first.items()})
         with trace_reads(boxes, used):
             return loss()
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Output seems independent of input")
+        if out is not None:
+            return _into_buffer(traced, variables, inputs, grad_loss, out), out
         vjp, value = make_vjp(traced)(tuple(v._array for v in variables))
-        value = np.asarray(value)
-        seed = np.ones_like(value) if grad_loss is None else np.asarray(grad_loss,
-                                                                        dtype=value.dtype)
-        if seed.shape != value.shape:
-            raise ValueError(f"grad_loss has shape {seed.shape}; expected the loss's shape "
-                             f"{value.shape}")
-        grads = vjp(seed)
+        grads = vjp(_seed(value, grad_loss))
+    value = np.asarray(value)
     present = [id(var) in used and i == first[id(var)] for i, var in enumerate(variables)]
-    if out is not None:
-        for target, grad, here in zip(out.grads, grads, present, strict=True):
-            if here:
-                np.copyto(target, grad, casting="unsafe")
-            else:
-                target.fill(0)
-        out.missing = frozenset(i for i, here in enumerate(present) if not here)
-        return value, out
     return value, [np.array(grads[i], dtype=var.dtype, order="C") if present[i] else None
                    for i, var in enumerate(variables)]
+
+
+def _seed(value: Any, grad_loss: Any) -> np.ndarray:
+    value = np.asarray(value)
+    seed = np.ones_like(value) if grad_loss is None else np.asarray(grad_loss,
+                                                                    dtype=value.dtype)
+    if seed.shape != value.shape:
+        raise ValueError(f"grad_loss has shape {seed.shape}; expected the loss's shape "
+                         f"{value.shape}")
+    return seed
+
+
+def _into_buffer(traced: Callable[[Any], Any], variables: list[Variable],
+                 inputs: dict[int, Any], grad_loss: Any, out: GradientBuffer) -> np.ndarray:
+    """autograd's backward pass, walked here so that each variable's gradient is written
+    into ``out`` (and ``out.ready(i)`` called) as soon as it is complete: the graph is
+    visited children first, so a variable's node is reached once all its uses are done,
+    in about the reverse order of the forward pass."""
+    from autograd.core import VJPNode, add_outgrads
+    from autograd.tracer import toposort, trace
+
+    value, end = trace(VJPNode.new_root(), traced, tuple(v._array for v in variables))
+    nodes = {box._node: position for position, box in inputs.items()}
+    done: set[int] = set()
+    if end is not None:
+        outgrads = {end: (_seed(value, grad_loss), False)}
+        for node in toposort(end):
+            if node not in outgrads:  # the root of the inputs: not needed
+                continue
+            grad = outgrads.pop(node)[0]
+            position = nodes.get(node)
+            if position is not None:  # a variable's gradient, complete
+                np.copyto(out.grads[position], grad, casting="unsafe")
+                done.add(position)
+                out.ready(position)
+                continue
+            for parent, ingrad in zip(node.parents, node.vjp(grad), strict=True):
+                outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+    out.missing = frozenset(i for i in range(len(variables)) if i not in done)
+    for position in sorted(out.missing):
+        out.grads[position].fill(0)
+        out.ready(position)
+    return np.asarray(value)
 
 
 class GradientBuffer:
@@ -128,10 +162,19 @@ class GradientBuffer:
             used[var.dtype] = start + var.size
         #: one array per variable, views of :attr:`flat`
         self.grads: tuple[np.ndarray, ...] = tuple(grads)
-        #: positions whose gradient is absent (``None`` in the pairs)
+        #: positions whose gradient is absent (``None`` in the pairs; they hold zeros)
         self.missing: frozenset[int] = frozenset()
+        #: called by :meth:`ready` (an overlapped reduction sets it)
+        self.on_ready: Callable[[int], None] | None = None
         if grads:
             GradientBuffer._by_first_array[id(grads[0])] = self
+
+    def ready(self, position: int) -> None:
+        """Variable ``position``'s gradient is complete: with an overlapped reduction
+        (``optimizer.overlap(buffer)``) its chunks may start crossing ranks now, while the
+        backward pass goes on; otherwise nothing happens."""
+        if self.on_ready is not None:
+            self.on_ready(position)
 
     def zero_(self) -> None:
         """Set every gradient to zero."""

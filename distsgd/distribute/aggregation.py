@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +51,7 @@ from distsgd.distribute.layout import (
     bucket_source,
     route_of,
 )
+from distsgd.distribute.overlap import OverlappedReduction
 from distsgd.distribute.plans import (
     LRU,
     Kind,
@@ -147,6 +149,8 @@ class GradientAggregator:
         self._plans = LRU()  # (signature, kinds here, kinds everywhere, distributed) -> plan
         self._results = ScratchBuffers()  # kept results: one array per dtype
         self._chunk_buffers = ScratchBuffers()  # streamed chunks
+        self._overlap_buffers = ScratchBuffers()  # the communication thread's chunks
+        self._overlaps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def distributed(self) -> bool:
@@ -203,6 +207,17 @@ class GradientAggregator:
                 "distsgd.GradientAccumulator (one micro-batch at a time, with its index), or "
                 "give minimize a list of (micro-batch index, loss) pairs; plain gradients "
                 "depend on how the batch was split across ranks")
+        overlapped = self._overlaps.get(buffer) if buffer is not None and aggregate and \
+            accumulator is None else None
+        if overlapped is not None:  # reduced during the backward pass: update locally
+            with timeline.span("aggregate"):
+                missing = overlapped.finish()
+                every = self.replica_check_every_steps
+                if every and self.replica_check is not None and (step + 1) % every == 0 \
+                        and replica_state is not None:
+                    self.replica_check(replica_state())
+            grads = [None if i in missing else g for i, g in enumerate(buffer.grads)]
+            all_dense, aggregate = not missing, False
         self._tree_step = None
         try:
             return self._reduce(grads, variables, step, all_dense, buffer, consumer,
@@ -210,6 +225,30 @@ class GradientAggregator:
                                 accumulator)
         finally:
             self._tree_step = None
+
+    def overlap(self, buffer: Any, step: Callable[[], int]) -> bool:
+        """Reduce ``buffer``'s chunks as the backward pass marks its gradients ready
+        (``buffer.ready(i)``; see ``overlap``); ``step()`` gives the coming step's count.
+        Returns whether anything is overlapped (not in one process)."""
+        if not self.distributed or self.tree is not None:
+            return False
+        if buffer not in self._overlaps:
+            reduction = OverlappedReduction(self, buffer, step)
+            self._overlaps[buffer] = reduction
+            buffer.on_ready = reduction.ready
+        return True
+
+    def dense_plan(self, variables: Sequence[Variable]) -> StepPlan:
+        """The plan of a step in which every rank has every gradient, dense."""
+        key = (self._signature(variables), None, None, self.distributed)
+        plan = self._plans.lookup(key)
+        if plan is None:
+            dense = bytes(len(variables) * [Kind.DENSE])
+            plan = build_plan(variables, dense, dense, self.distributed,
+                              fusion_threshold_bytes=self.fusion_threshold_bytes,
+                              chunk_bytes=self.chunk_bytes, transport_of=self._transport_of)
+            self._plans.store(key, plan)
+        return plan
 
     def _reduce(self, grads: Sequence[Any], variables: Sequence[Variable], step: int,
                 all_dense: bool, buffer: Any, consumer: ChunkConsumer | None, aggregate: bool,

@@ -170,6 +170,12 @@ class Chunk:
                 else:
                     np.copyto(target, grad.reshape(-1)[piece.start:piece.stop])
 
+    def unpack_(self, values: np.ndarray, grads: Sequence[Any]) -> None:
+        """Copy ``values`` (this chunk's elements) back into the gradients."""
+        for piece in self.pieces:
+            grads[piece.position].reshape(-1)[piece.start:piece.stop] = \
+                values[piece.offset:piece.offset + piece.size]
+
     @functools.cached_property
     def _runs(self) -> list[tuple[int, int, tuple[Piece, ...]]]:
         """``(low, high, pieces)``: the pieces split into runs of whole gradients (a piece

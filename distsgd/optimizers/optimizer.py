@@ -190,6 +190,21 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         np.add(iterations._array, 1, out=iterations._array)
         return iterations
 
+    def overlap(self, buffer: GradientBuffer) -> GradientBuffer:
+        """Reduce ``buffer``'s gradients while the backward pass still computes (DDP's
+        design), for every following step of this optimizer on it: once the backward pass
+        calls ``buffer.ready(i)`` for a complete gradient (``distsgd.gradients(...,
+        out=buffer)`` and the training program's model do), the chunks it completes
+        start crossing ranks on a communication thread; ``apply_gradients(buffer)`` then
+        waits for the rest and updates. Bitwise the same as without it. Returns
+        ``buffer``; in one process (or under a world-size-invariant strategy) nothing
+        changes."""
+        if not isinstance(buffer, GradientBuffer):
+            raise TypeError(f"buffer={buffer!r}; expected a distsgd.GradientBuffer")
+        strategy, _ = self._strategy_for(buffer.variables, "overlap")
+        strategy.aggregator.overlap(buffer, self._step_count)
+        return buffer
+
     def _strategy_for(self, variables: Sequence[Variable], what: str) -> tuple[Any, bool]:
         """The strategy of ``variables`` (see ``strategy_of``), which this optimizer, its
         iterations and slots then belong to; and whether each variable is listed once."""

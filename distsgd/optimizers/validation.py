@@ -50,7 +50,7 @@ def validate_pairs(grads_and_vars: Any) -> Checked:
     if type(grads_and_vars) is GradientBuffer:
         buffer = grads_and_vars
         if buffer.missing:
-            return Checked(buffer.pair_grads(), buffer.variables, False)
+            return Checked(buffer.pair_grads(), buffer.variables, False, buffer)
         return Checked(buffer.grads, buffer.variables, True, buffer)
     try:
         items = list(grads_and_vars)

@@ -233,6 +233,8 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
     # apply_gradients checks nothing per tensor and reduces them where they lie
     grads = distsgd.GradientBuffer(variables)
     accumulator = distsgd.GradientAccumulator(variables) if args.micro_batches else None
+    if accumulator is None:
+        optimizer.overlap(grads)  # chunks cross ranks while the backward pass goes on
     batches = ShardedBatches([data.x_train, data.y_train], args.batch_size, strategy,
                              seed=args.seed)
     steps_per_epoch = batches.steps_per_epoch
@@ -278,7 +280,8 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
                         # the loss is scaled by the global batch: P ranks' summed gradients
                         # are one process's on the whole batch
                         target = grads if accumulator is None else accumulator.buffer
-                        value += model.loss_and_gradients(x, y, 1 / args.batch_size, target)
+                        value += model.loss_and_gradients(x, y, 1 / args.batch_size, target,
+                                                          ready=target.ready)
                         if accumulator is not None:  # one micro-batch at a time
                             accumulator.add(index=index)
                         examples += len(y)
