@@ -114,6 +114,7 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         self._plans: OrderedDict[StepPlan, _PlanData] = OrderedDict()
         self._minimize_buffer: GradientBuffer | None = None  # minimize()'s gradients
         self._accumulator: Any = None  # minimize()'s, for micro-batches
+        self._overlap_minimize = False
         self._engine = UpdateEngine(self._update_flat_)
         self._initial_decay = kwargs.get("decay") or 0.0
         #: distsgd extension (not in the config): skip a step whose aggregated gradients
@@ -190,7 +191,7 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         np.add(iterations._array, 1, out=iterations._array)
         return iterations
 
-    def overlap(self, buffer: GradientBuffer) -> GradientBuffer:
+    def overlap(self, buffer: GradientBuffer | None = None) -> GradientBuffer | None:
         """Reduce ``buffer``'s gradients while the backward pass still computes (DDP's
         design), for every following step of this optimizer on it: once the backward pass
         calls ``buffer.ready(i)`` for a complete gradient (``distsgd.gradients(...,
@@ -198,7 +199,12 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
         start crossing ranks on a communication thread; ``apply_gradients(buffer)`` then
         waits for the rest and updates. Bitwise the same as without it. Returns
         ``buffer``; in one process (or under a world-size-invariant strategy) nothing
-        changes."""
+        changes. Without ``buffer``: :meth:`minimize`'s own buffer, from now on."""
+        if buffer is None:
+            self._overlap_minimize = True
+            if self._minimize_buffer is not None:
+                self.overlap(self._minimize_buffer)
+            return None
         if not isinstance(buffer, GradientBuffer):
             raise TypeError(f"buffer={buffer!r}; expected a distsgd.GradientBuffer")
         strategy, _ = self._strategy_for(buffer.variables, "overlap")
@@ -340,6 +346,8 @@ class Optimizer(HyperparameterMixin, WeightsMixin):
             if variables and all(type(v) is Variable and v.dtype in FLOAT_DTYPES
                                  for v in variables):
                 buffer = self._minimize_buffer = GradientBuffer(variables)
+                if self._overlap_minimize:
+                    self.overlap(buffer)
         if buffer is None:  # the pair-by-pair path names what is wrong
             return self.apply_gradients(_paired(loss, variables, grad_loss), name)
         self._strategy_for(variables, "minimize")  # refuse before computing anything

@@ -16,6 +16,7 @@ program exits with 128 + the signal number (130, 143); ``--resume`` continues ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cut each global batch into M micro-batches and accumulate "
                              "their gradients before the step (with --world-size-invariant "
                              f"the default is {DEFAULT_MICRO_BATCHES}: up to that many ranks)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="reduce each chunk of gradients while the backward pass goes on "
+                             "(DDP's design; on one core per rank it does not pay)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         help="a progress bar (default: when rank 0 writes to a terminal)")
     parser.add_argument("--quiet", action="store_true", help="only the final line (and "
@@ -233,7 +237,7 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
     # apply_gradients checks nothing per tensor and reduces them where they lie
     grads = distsgd.GradientBuffer(variables)
     accumulator = distsgd.GradientAccumulator(variables) if args.micro_batches else None
-    if accumulator is None:
+    if accumulator is None and args.overlap:
         optimizer.overlap(grads)  # chunks cross ranks while the backward pass goes on
     batches = ShardedBatches([data.x_train, data.y_train], args.batch_size, strategy,
                              seed=args.seed)
@@ -289,6 +293,8 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
                 optimizer.apply_gradients(grads if accumulator is None else accumulator)
                 global_step += 1
                 loss_sum += value * args.batch_size
+                if global_step - start == 1 and os.environ.get("DISTSGD_FIRST_STEP_MARK"):
+                    report.note("first step done")  # (start-up benchmarks wait for it)
                 if global_step - start == WARMUP_STEPS:  # the throughput starts here
                     started, counted = time.perf_counter(), examples
                 bar.update(1)

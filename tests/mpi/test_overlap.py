@@ -77,7 +77,7 @@ def test_the_mlps_backward_pass_marks_layers_ready_last_first_and_overlaps():
         if overlap:
             opt.overlap(buffer)
             hook = buffer.on_ready or (lambda i: None)
-            buffer.on_ready = lambda i, hook=hook: (order.append(i), hook(i))
+            buffer.on_ready = lambda i, hook=hook, order=order: (order.append(i), hook(i))
         rng = np.random.default_rng(strategy.rank)
         for _ in range(3):
             x = rng.standard_normal((16, 20)).astype(np.float32)
