@@ -32,7 +32,6 @@ One :meth:`GradientAggregator.reduce` call per step runs, on every rank in this 
 
 from __future__ import annotations
 
-import math
 import operator
 import time
 import weakref
@@ -62,6 +61,7 @@ from distsgd.distribute.plans import (
     kind_of,
     signature_of,
 )
+from distsgd.distribute.sparse import all_finite, gather_sparse
 from distsgd.distribute.transport import ExactTransport, Transport, TreeTransport
 from distsgd.indexed_slices import IndexedSlices, to_dense
 from distsgd.kernels import ScratchBuffers
@@ -287,10 +287,13 @@ class GradientAggregator:
                 else:
                     self._reduce_streamed(plan, grads, sources, label, consumer)
                     dense = [None] * len(grads)
-                sparse = self._gather_sparse(plan, grads, variables, label)
+                divisor = self.communicator.size if self.tree is None else \
+                    self.tree.micro_batches  # MEAN: over the ranks, or the micro-batches
+                sparse = gather_sparse(self.communicator, plan, grads, variables, label,
+                                       divisor)
                 finite = None
                 if check_finite:
-                    finite = self._all_finite(dense, sparse, label)
+                    finite = all_finite(self.communicator, dense, sparse, label)
         return Reduction(plan, dense, sparse, finite)
 
     # --- agreement and plans ----------------------------------------------------------
@@ -454,54 +457,6 @@ class GradientAggregator:
             for entry, view in zip(bucket.entries, bucket.views(region), strict=True):
                 result[entry.position] = view
         return result
-
-    # --- sparse gradients -------------------------------------------------------------
-    def _gather_sparse(self, plan: StepPlan, grads: Sequence[Any],
-                       variables: Sequence[Variable], label: str) -> dict[int, IndexedSlices]:
-        """Every sparse gradient; crossing ones gathered from every rank (rank order)."""
-        result = {i: grads[i] for i in plan.sparse if i not in plan.gathered}
-        if not plan.gathered:
-            return result
-        size = self.communicator.size
-        rows = np.array([0 if grads[i] is None else len(grads[i].indices)
-                         for i in plan.gathered], dtype=np.int64)
-        all_rows = self.communicator.allgatherv(
-            rows, np.full(size, len(plan.gathered)), what=f"{label}: sparse row counts"
-        ).reshape(size, len(plan.gathered))
-        for column, position in enumerate(plan.gathered):
-            var = variables[position]
-            grad = grads[position]
-            if grad is None:
-                values = np.zeros((0,) + var.shape[1:], dtype=var.dtype)
-                indices = np.zeros(0, dtype=np.int64)
-            else:
-                values, indices = grad.values, grad.indices
-            what = f"{label}: sparse gradient of {var.name!r}"
-            counts = all_rows[:, column]
-            all_values = self.communicator.allgatherv(
-                np.ascontiguousarray(values).reshape(-1), counts * math.prod(var.shape[1:]),
-                what=what).reshape((-1,) + var.shape[1:])
-            all_indices = self.communicator.allgatherv(indices, counts, what=what)
-            route = route_of(var)
-            if route is Route.FIRST:
-                all_values, all_indices = all_values[:counts[0]], all_indices[:counts[0]]
-            elif route is Route.MEAN:  # over the ranks, or the micro-batches of a tree
-                divisor = size if self.tree is None else self.tree.micro_batches
-                np.divide(all_values, divisor, out=all_values)
-            result[position] = IndexedSlices(all_values, all_indices, var.shape)
-        return result
-
-    def _all_finite(self, dense: Sequence[np.ndarray | None],
-                    sparse: dict[int, IndexedSlices], label: str) -> bool:
-        """Whether no rank's aggregated gradients hold NaN or inf (agreed)."""
-        arrays = [g for g in dense if g is not None] + [s.values for s in sparse.values()]
-        # one float64 sum per array: NaN and inf survive it, and it makes no copy
-        bad = np.array([not all(np.isfinite(np.add.reduce(a.reshape(-1), dtype=np.float64))
-                                for a in arrays)], dtype=np.uint8)
-        if self.distributed:
-            self.communicator.allreduce_(bad, "max", what=f"{label}: non-finite check")
-        return not bad[0]
-
 
 class _ChunkLabel:
     """Names a chunk's collective in a timeout report (formatted only then)."""

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import os
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -26,7 +24,8 @@ import numpy as np
 
 from distsgd._validation import check_number
 from distsgd.distribute import interrupts
-from distsgd.distribute.interrupts import STOP_FLAGS, StopRequested
+from distsgd.distribute.interrupts import StopRequested
+from distsgd.distribute.operations import MismatchError, agree, raise_if_stopping
 from distsgd.distribute.watchdog import (
     FINISHED,
     WORKING,
@@ -136,91 +135,6 @@ class Communicator(Protocol):
     def busy(self, operation: str) -> Any:
         """Context manager around an operation's work after its check: a failure there
         leaves the ranks out of step, so the next operation ends the job instead."""
-
-
-class MismatchError(ValueError):
-    """Ranks are at different operations, or passed different data to the same one."""
-
-    agreed = True  # raised alike on every rank
-
-def agree(communicator: Any, operation: str, digest: bytes = b"", flags: int = 0,
-          details: Sequence[Any] | None = None, describe: Any = repr,
-          noun: str = "variable") -> int:
-    """Begin a collective operation: prove every rank is at the same one, or raise on all.
-
-    Every operation distsgd runs across ranks starts here, with one ``Allreduce(BOR)``
-    of 8 hash bytes of (sequence number, ``operation``, ``digest``), their complement and
-    one byte of ``flags``: hash and complement come back unchanged on every rank exactly
-    when all ranks hashed the same. ``operation`` names the operation and its step
-    (``"gradient aggregation at step 12"``); ``digest`` identifies its data (variable
-    names, shapes, dtypes, policies), whose items ``details`` are only gathered when
-    the ranks disagree, to name the first one that differs (a ``noun``).
-
-    Returns:
-        The OR of every rank's ``flags``.
-
-    Raises:
-        MismatchError: on every rank alike, saying which rank is at which operation and
-            sequence number, or which ranks hold which item.
-    """
-    communicator.begin(operation)
-    sequence = communicator.operations - 1
-    flags |= interrupts.stop_flag()
-    if communicator.size == 1:
-        return flags
-    mine = np.frombuffer(hashlib.blake2b(f"{sequence}|{operation}|".encode() + digest,
-                                         digest_size=8).digest(), dtype=np.uint8)
-    header = np.concatenate([mine, ~mine, np.array([flags], dtype=np.uint8)])
-    communicator.allreduce_(header, "bor", what=f"{operation}: operation check")
-    if np.array_equal(header[:8], mine) and np.array_equal(header[8:16], ~mine):
-        return int(header[16])
-    everyone = communicator.allgather_object(
-        (sequence, operation, list(details) if details is not None else None))
-    raise MismatchError(_mismatch_message(everyone, describe, noun))
-
-
-def raise_if_stopping(flags: int, what: str, step: int | None = None) -> None:
-    """Raise :class:`StopRequested` if the agreed ``flags`` carry a stop request (every
-    rank has the same flags, so every rank raises alike)."""
-    for signum, bit in STOP_FLAGS.items():
-        if flags & bit:
-            name = signal.Signals(signum).name
-            raise StopRequested(f"stop requested ({name} on some rank): every rank stops "
-                                f"before {what}", name, step)
-
-
-def _mismatch_message(everyone: list[tuple[int, str, list[Any] | None]],
-                      describe: Any, noun: str) -> str:
-    places = [(sequence, operation) for sequence, operation, _ in everyone]
-    if len(set(places)) > 1:
-        groups: dict[tuple[int, str], list[int]] = {}
-        for rank, place in enumerate(places):
-            groups.setdefault(place, []).append(rank)
-        where = "; ".join(f"{_ranks(ranks)} at {operation} (operation #{sequence})"
-                          for (sequence, operation), ranks in groups.items())
-        return (f"ranks are out of step: {where}. Every rank must run the same distsgd "
-                "operations in the same order (the same number of steps, and the same "
-                "reduce/barrier/checkpoint calls).")
-    signatures = [details or [] for _, _, details in everyone]
-    operation = everyone[0][1]
-    length = max(len(s) for s in signatures)
-    i = next(i for i in range(length)
-             if len({repr(s[i]) if i < len(s) else None for s in signatures}) > 1)
-    groups_held: dict[str, list[int]] = {}
-    for rank, signature in enumerate(signatures):
-        held = describe(signature[i]) if i < len(signature) else "(nothing)"
-        groups_held.setdefault(held, []).append(rank)
-    held_text = "; ".join(f"{_ranks(ranks)}: {held}" for held, ranks in groups_held.items())
-    counts = sorted({len(s) for s in signatures})
-    extra = "" if len(counts) == 1 else \
-        f" (ranks pass {' vs '.join(map(str, counts))} {noun}s)"
-    return (f"ranks disagree in {operation} at {noun} #{i}{extra}: {held_text}. Every rank "
-            "must pass the same variables, in the same order, with the same shapes, dtypes "
-            "and policies.")
-
-
-def _ranks(ranks: list[int]) -> str:
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 class SerialCommunicator:
@@ -452,35 +366,3 @@ class MPICommunicator:
             if comm is not None:
                 comm.Free()
         self._heartbeats = self._comm = None
-
-
-def install_abort_on_exception(communicator: Any) -> None:
-    """Make an unhandled exception on this rank print its traceback and abort the job.
-
-    Without this, the other ranks would wait forever in their next collective. When
-    several ranks fail at once (the same error everywhere), the lowest of them prints
-    the traceback and the others one line. Installed once per process (idempotent), as
-    ``python -m mpi4py`` does.
-    """
-    if getattr(sys.excepthook, "_distsgd_abort", False):
-        return
-    previous = sys.excepthook
-
-    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if issubclass(kind, KeyboardInterrupt | SystemExit):
-            previous(kind, value, tb)
-            return
-        summary = f"{kind.__name__}: {value}"
-        watchdog = getattr(communicator, "_watchdog", None)
-        first = watchdog.fail(summary) if watchdog is not None else communicator.rank
-        if first == communicator.rank:
-            text = "".join(traceback.format_exception(kind, value, tb))
-            report(communicator.rank, communicator.size, "unhandled exception",
-                   f"aborting the whole job (MPI_Abort)\n{text}".rstrip())
-        else:
-            report(communicator.rank, communicator.size, "unhandled exception",
-                   f"{summary} (rank {first} failed too and prints the traceback)")
-        communicator.abort(1)
-
-    excepthook._distsgd_abort = True  # type: ignore[attr-defined]
-    sys.excepthook = excepthook

@@ -33,6 +33,7 @@ from distsgd.distribute.layout import (
 )
 from distsgd.distribute.replicas import check_replicas
 from distsgd.distribute.transport import TreeTransport, check_compression, make_transport
+from distsgd.distribute.watchdog import install_abort_on_exception
 from distsgd.variables import (
     Variable,
     VariableAggregation,
@@ -351,7 +352,7 @@ class MPIStrategy(Strategy):
                 raise
             return comm_lib.SerialCommunicator()
         if self.abort_on_exception and communicator.size > 1:
-            comm_lib.install_abort_on_exception(communicator)
+            install_abort_on_exception(communicator)
         return communicator
 
 

@@ -29,6 +29,7 @@ import select
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 from distsgd.distribute import interrupts
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT_SECONDS", "HEARTBEAT_SECONDS", "Watchdog",
-           "heartbeat_timeout_from_environment", "report"]
+           "heartbeat_timeout_from_environment", "install_abort_on_exception", "report"]
 
 #: Seconds between a rank's heartbeats.
 HEARTBEAT_SECONDS = 1.0
@@ -283,3 +284,35 @@ def _done(request: Any) -> bool:
         return bool(request.Test())
     except Exception:  # a failed peer: its heartbeats stop, which is reported
         return False
+
+
+def install_abort_on_exception(communicator: Any) -> None:
+    """Make an unhandled exception on this rank print its traceback and abort the job.
+
+    Without this, the other ranks would wait forever in their next collective. When
+    several ranks fail at once (the same error everywhere), the lowest of them prints
+    the traceback and the others one line. Installed once per process (idempotent), as
+    ``python -m mpi4py`` does.
+    """
+    if getattr(sys.excepthook, "_distsgd_abort", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt | SystemExit):
+            previous(kind, value, tb)
+            return
+        summary = f"{kind.__name__}: {value}"
+        watchdog = getattr(communicator, "_watchdog", None)
+        first = watchdog.fail(summary) if watchdog is not None else communicator.rank
+        if first == communicator.rank:
+            text = "".join(traceback.format_exception(kind, value, tb))
+            report(communicator.rank, communicator.size, "unhandled exception",
+                   f"aborting the whole job (MPI_Abort)\n{text}".rstrip())
+        else:
+            report(communicator.rank, communicator.size, "unhandled exception",
+                   f"{summary} (rank {first} failed too and prints the traceback)")
+        communicator.abort(1)
+
+    excepthook._distsgd_abort = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook

@@ -79,7 +79,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
 def rewrite_manifest(path, checksum=True, **changes):
     """Edit a checkpoint's manifest; ``checksum``: recompute its checksum (as a genuine
     writer would), else leave the old one (an edit after the fact)."""
-    from distsgd.checkpoint import _manifest_checksum
+    from distsgd.checkpoint.files import _manifest_checksum
 
     manifest = json.loads((path / "manifest.json").read_text())
     manifest.update(changes)
@@ -192,7 +192,7 @@ def test_float64_arrays_with_a_matching_checksum_are_refused(tmp_path):
     (lambda m: m.update(optimizer={"config": {}}), "no class_name/config"),
 ])
 def test_a_malformed_manifest_is_refused_before_anything_is_assigned(tmp_path, change, match):
-    from distsgd.checkpoint import _manifest_checksum
+    from distsgd.checkpoint.files import _manifest_checksum
 
     path = _saved(tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
@@ -338,7 +338,7 @@ def test_a_failed_write_leaves_no_debris_and_later_saves_remove_old_debris(tmp_p
                                                                           monkeypatch):
     import errno
 
-    from distsgd import checkpoint
+    from distsgd.checkpoint import save as checkpoint
 
     variables, opt = _model()
     save_checkpoint(tmp_path, step=1, variables=variables, optimizer=opt)

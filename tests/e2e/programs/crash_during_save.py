@@ -6,6 +6,7 @@ import numpy as np
 
 import distsgd
 from distsgd import checkpoint
+from distsgd.checkpoint import save as checkpoint_save
 from distsgd.optimizers import SGD
 
 directory, stage = sys.argv[1], sys.argv[2]
@@ -14,8 +15,8 @@ opt = SGD(0.1, momentum=0.9)
 opt.apply_gradients([(np.ones((2, 3)), w)])
 checkpoint.save_checkpoint(directory, step=1, variables=[w], optimizer=opt)
 opt.apply_gradients([(np.ones((2, 3)), w)])
-real_write = checkpoint._write_synced
-real_commit = checkpoint._commit
+real_write = checkpoint_save._write_synced
+real_commit = checkpoint_save._commit
 
 
 def dying_write(path, arrays):
@@ -30,7 +31,7 @@ def dying_commit(root, temporary, name, keep):
 
 
 if stage == "arrays":
-    checkpoint._write_synced = dying_write
+    checkpoint_save._write_synced = dying_write
 elif stage == "commit":
-    checkpoint._commit = dying_commit
+    checkpoint_save._commit = dying_commit
 checkpoint.save_checkpoint(directory, step=2, variables=[w], optimizer=opt)

@@ -8,6 +8,7 @@ import numpy as np
 
 import distsgd
 from distsgd import checkpoint
+from distsgd.checkpoint import save as checkpoint_save
 from distsgd.distribute import MPIStrategy
 from distsgd.optimizers import SGD
 
@@ -19,13 +20,13 @@ with strategy.scope():
 for _ in range(3):
     opt.apply_gradients([(np.ones(1000), w)])
 if where == "checkpoint" and strategy.rank == 0:
-    real = checkpoint._write_synced
+    real = checkpoint_save._write_synced
 
     def frozen_write(path, arrays):
         os.kill(os.getpid(), signal.SIGSTOP)
         real(path, arrays)
 
-    checkpoint._write_synced = frozen_write
+    checkpoint_save._write_synced = frozen_write
 if where == "exit" and strategy.rank == strategy.num_replicas_in_sync - 1:
     print(f"rank {strategy.rank} freezes at exit", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
