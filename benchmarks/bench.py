@@ -16,7 +16,8 @@ Parts:
              passes over new arrays that no checked step can skip (a lower bound)
   memory     peak resident memory of steps over params + slots + gradients, 1 and 2
              ranks (Linux /proc), against a flat copy + Allreduce + numpy loop
-  scaling    the training job's samples/s at 1, 2 and 4 ranks (synthetic, ~1M params)
+  scaling    the 3M-parameter training job's samples/s: 1 rank x 1 thread, 1 x all cores,
+             one rank per core
   transport  bfloat16 against exact gradient transport at 2 ranks: on one host, and
              (as root) between two emulated hosts over TCP, also with the link capped
              by tc at 4 and 1 Gbit/s
@@ -173,6 +174,9 @@ def bench_update() -> dict:
     total = sum(int(np.prod(s)) for s in shapes)
     grads = resnet50_gradients(0)
     threads = kernels.default_num_threads()
+    kernels._numba()  # the compiled kernels exist before timing (the first steps otherwise
+    # run on the numpy kernels while numba compiles in the background)
+
     def make(**kwargs):
         variables = zero_variables(shapes)
         opt = SGD(0.01, **kwargs)
@@ -189,10 +193,26 @@ def bench_update() -> dict:
             v -= lr * g
             w += v
 
+    def with_numpy_kernels(step):
+        """``step`` on the blocked numpy kernels (``DISTSGD_KERNELS`` is read per step)."""
+        def run() -> None:
+            previous = os.environ.get("DISTSGD_KERNELS")
+            os.environ["DISTSGD_KERNELS"] = "numpy"
+            try:
+                step()
+            finally:
+                if previous is None:
+                    del os.environ["DISTSGD_KERNELS"]
+                else:
+                    os.environ["DISTSGD_KERNELS"] = previous
+        return run
+
     candidates = {"streaming a += b": streaming_add(total, threads),
                   "distsgd momentum": make(momentum=0.9),
                   "distsgd nesterov": make(momentum=0.9, nesterov=True),
-                  "distsgd plain": make(), "numpy loop": numpy_loop}
+                  "distsgd plain": make(),
+                  "distsgd momentum, numpy kernels": with_numpy_kernels(make(momentum=0.9)),
+                  "numpy loop": numpy_loop}
     try:
         import torch
 
@@ -537,25 +557,31 @@ def _json_result(command: list[str], what: str, **kwargs) -> dict:
 
 
 def bench_scaling() -> dict:
-    rows = {}
+    """The issue's job, ``python -m distsgd.train --synthetic-params 3000000``, at 1 rank
+    with one BLAS thread, 1 rank with every core, and one rank per core with one thread
+    each (samples/s of the last epoch; the first is mostly warm-up). Scaling is the
+    P-rank rate over the 1-rank, 1-thread rate: the same cores per rank."""
     cores = os.cpu_count() or 1
-    for ranks in (1, 2, 4):
-        # BLAS threads: this rank's share of the cores. OPENBLAS_CORETYPE/_L2_SIZE (set
-        # on some machines for old OpenBLAS builds) slow a current numpy: unset here only.
+    rows = {}
+    for ranks, threads in ((1, 1), (1, cores), (cores, 1)):
+        # OPENBLAS_CORETYPE/_L2_SIZE (set on some machines for old OpenBLAS builds) slow a
+        # current numpy: unset here only.
         env = {k: v for k, v in os.environ.items()
                if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-        env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(max(1, cores // ranks))
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DISTSGD_NUM_THREADS"):
+            env[name] = str(threads)
+        metrics = f"/tmp/distsgd-scaling-{ranks}x{threads}.jsonl"
         result = subprocess.run(
             ["mpirun", "-n", str(ranks), sys.executable, "-m", "distsgd.train",
-             "--synthetic-params", "1000000", "--epochs", "2", "--batch-size", "256",
-             "--learning-rate", "0.01", "--metrics", f"/tmp/distsgd-scaling-{ranks}.jsonl",
+             "--synthetic-params", "3000000", "--epochs", "4", "--metrics", metrics,
              "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
         if result.returncode != 0:
             raise SystemExit(f"scaling run at {ranks} ranks failed:\n{result.stderr[-3000:]}")
-        lines = Path(f"/tmp/distsgd-scaling-{ranks}.jsonl").read_text().splitlines()
-        rows[ranks] = json.loads(lines[-1])["samples_per_second"]
-    return {"samples_per_second": rows,
-            "efficiency": {r: rows[r] / (r * rows[1]) for r in rows}}
+        lines = Path(metrics).read_text().splitlines()
+        rows[f"{ranks} rank(s) x {threads} thread(s)"] = json.loads(lines[-1])[
+            "samples_per_second"]
+    base = rows["1 rank(s) x 1 thread(s)"]
+    return {"samples_per_second": rows, "over_one_core": {k: v / base for k, v in rows.items()}}
 
 
 def machine() -> str:
@@ -665,7 +691,7 @@ def report(results: dict) -> None:
               f"{u['floor_ms']:.1f} ms at {u['bandwidth_gb_s']:.1f} GB/s")
         for name, ms in u["ms"].items():
             torch = u.get("ratio_to_torch", {}).get(name)
-            print(f"  {name:<28} {ms:8.1f} ms   {u['ratio_to_floor'][name]:5.2f} x floor" +
+            print(f"  {name:<32} {ms:8.1f} ms   {u['ratio_to_floor'][name]:5.2f} x floor" +
                   ("" if torch is None else f"   {torch:5.2f} x torch fused"))
     if "small" in results:
         s = results["small"]
@@ -707,10 +733,10 @@ def report(results: dict) -> None:
                   f"{row['peak_over_needed']:.2f} x")
     if "scaling" in results:
         sc = results["scaling"]
-        print("\ntraining job scaling (synthetic, ~1M parameters)")
-        for ranks, rate in sc["samples_per_second"].items():
-            print(f"  {ranks} rank(s): {rate:12,.0f} samples/s   efficiency "
-                  f"{sc['efficiency'][ranks]:.2f}")
+        print("\ntraining job scaling (--synthetic-params 3000000)")
+        for row, rate in sc["samples_per_second"].items():
+            print(f"  {row:<28} {rate:10,.0f} samples/s   {sc['over_one_core'][row]:.2f} x "
+                  "1 rank on 1 core")
     if "invariant" in results:
         inv = results["invariant"]
         agg = inv["aggregate"]

@@ -1,6 +1,8 @@
 """distsgd against PyTorch on this machine, side by side; writes benchmarks/RESULTS.md's
-peer section. Needs torch (``pip install torch==2.13.0`` here, a CPU build); without it,
-it says so and stops.
+peer section. The update, allreduce and mlp parts need torch (``pip install
+torch==2.13.0`` here, a CPU build); without it they are skipped with a message. Each
+run keeps its parts' figures in benchmarks/peers.json, and the section shows the latest
+figures of every part, so parts can be re-run alone.
 
     python benchmarks/peers.py [update] [allreduce] [mlp] [startup]
 
@@ -11,7 +13,8 @@ it says so and stops.
 - mlp: end to end, the MLP 784-1024-1024-10 at global batch 256: distsgd (its explicit
   backward pass, aggregation overlapped or not) against torch (1 rank) and torch DDP
   (gloo, 2 ranks), with each phase's time; one BLAS/torch thread per rank;
-- startup: ``./launch/run``'s time from launch to the end of its first step.
+- startup: ``./launch/run``'s time from launch to the end of its first step, once with an
+  empty numba cache (cold: numba compiles in the background) and then warm.
 
 Each figure is the median over rounds within a launch; the mlp and allreduce parts run
 three launches and give each launch's ratio.
@@ -251,25 +254,31 @@ def part_mlp() -> dict:
 
 
 def part_startup() -> dict:
-    """From ``./launch/run`` to the end of its first step (rank 0's first progress)."""
+    """From ``./launch/run`` to the end of its first step (rank 0's first progress): the
+    first launch with an empty numba cache, then warm ones."""
+    import tempfile
+
     seconds = []
-    for _ in range(LAUNCHES):
-        start = time.monotonic()
-        job = subprocess.Popen([str(ROOT / "launch" / "run"), "--epochs", "1",
-                                "--metrics", "/tmp/distsgd-startup.jsonl"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**_env(1), "DISTSGD_FIRST_STEP_MARK": "1"}, cwd="/tmp")
-        first = None
-        for line in job.stderr:
-            if "first step done" in line and first is None:
-                first = time.monotonic() - start
-        job.wait()
-        seconds.append(first)
-    return {"seconds_to_first_step": seconds}
+    with tempfile.TemporaryDirectory() as cache:
+        for _ in range(1 + LAUNCHES):
+            start = time.monotonic()
+            job = subprocess.Popen([str(ROOT / "launch" / "run"), "--epochs", "1",
+                                    "--metrics", "/tmp/distsgd-startup.jsonl"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**_env(1), "DISTSGD_FIRST_STEP_MARK": "1",
+                                        "NUMBA_CACHE_DIR": cache}, cwd="/tmp")
+            first = None
+            for line in job.stderr:
+                if "first step done" in line and first is None:
+                    first = time.monotonic() - start
+            job.wait()
+            seconds.append(first)
+    return {"cold_seconds_to_first_step": seconds[0], "seconds_to_first_step": seconds[1:]}
 
 
 PARTS = {"update": part_update, "allreduce": part_allreduce, "mlp": part_mlp,
          "startup": part_startup}
+NEEDS_TORCH = ("update", "allreduce", "mlp")
 
 
 def write_results(results: dict) -> None:
@@ -285,7 +294,9 @@ def write_results(results: dict) -> None:
                   f"| memory floor | {u['floor_ms']:.1f} | 1.00 | |"]
         for name, ms in u["ms"].items():
             torch_ratio = u["ratio_to_torch"].get(name)
-            lines.append(f"| {name} ({u['kernels']} kernels) | {ms:.1f} | "
+            kind = f" ({u['kernels']} kernels)" if name.startswith("distsgd") and \
+                "kernels" not in name else ""
+            lines.append(f"| {name}{kind} | {ms:.1f} | "
                          f"{u['ratio_to_floor'][name]:.2f} | "
                          f"{'' if torch_ratio is None else f'{torch_ratio:.2f}'} |")
         lines.append("")
@@ -310,9 +321,12 @@ def write_results(results: dict) -> None:
         lines += ["", "(torch's aggregation happens inside its backward pass, overlapped; "
                   "its compute figure includes it.)", ""]
     if "startup" in results:
-        s = results["startup"]["seconds_to_first_step"]
-        lines += [f"`./launch/run` from launch to the end of its first step: "
-                  f"{', '.join(f'{x:.2f}' for x in s if x is not None)} s", ""]
+        s = results["startup"]
+        warm = ", ".join(f"{x:.2f}" for x in s["seconds_to_first_step"] if x is not None)
+        cold = s.get("cold_seconds_to_first_step")
+        lines += [f"`./launch/run` from launch to the end of its first step: {warm} s with "
+                  "numba's cache warm" + ("" if cold is None else f", {cold:.2f} s with an "
+                                           "empty cache"), ""]
     lines.append("<!-- /peers -->")
     path = ROOT / "benchmarks" / "RESULTS.md"
     text = path.read_text() if path.exists() else ""
@@ -331,22 +345,32 @@ def main() -> int:
         if result is not None:
             print(json.dumps(result))
         return 0
-    try:
-        import torch
-    except ImportError:
-        print("peers.py needs torch (pip install torch==2.13.0, a CPU build): skipped")
-        return 0
     chosen = sys.argv[1:] or list(PARTS)
     unknown = set(chosen) - set(PARTS)
     if unknown:
         raise SystemExit(f"unknown parts {sorted(unknown)}; expected {list(PARTS)}")
-    results = {"torch": torch.__version__}
+    try:
+        import torch
+    except ImportError:
+        skipped = [part for part in chosen if part in NEEDS_TORCH]
+        if skipped:
+            print(f"parts {skipped} need torch (pip install torch==2.13.0, a CPU build): "
+                  "skipped")
+        chosen = [part for part in chosen if part not in NEEDS_TORCH]
+        torch = None
+    if not chosen:
+        return 0
+    store = ROOT / "benchmarks" / "peers.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    if torch is not None:
+        results["torch"] = torch.__version__
     for part in chosen:
         print(f"== {part}", flush=True)
         results[part] = PARTS[part]()
         print(json.dumps(results[part], indent=1), flush=True)
+    store.write_text(json.dumps(results, indent=1) + "\n")
     write_results(results)
-    print(f"wrote {ROOT / 'benchmarks' / 'RESULTS.md'}")
+    print(f"wrote {store} and {ROOT / 'benchmarks' / 'RESULTS.md'}")
     return 0
 
 

@@ -46,6 +46,10 @@ HEARTBEAT_SECONDS = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 10.0
 #: A peer waiting in another operation for this long is out of step (heartbeats agree).
 OUT_OF_STEP_SECONDS = 2.5
+#: A status older than this is not evidence of where a peer is: a peer frozen just after
+#: a heartbeat keeps reporting an operation it has left (shorter than OUT_OF_STEP_SECONDS,
+#: so a frozen peer is never called out of step; it is named silent instead).
+FRESH_STATUS_SECONDS = 2.0
 _TICK = 0.1
 _TAG = 7312
 _STATUS_BYTES = 256
@@ -107,6 +111,7 @@ class Watchdog:
         started = time.monotonic()
         self._last_seen = dict.fromkeys(self._peers, started)
         self._status: dict[int, tuple[int, int, int, int, str]] = {}
+        self._stuck_since: float | None = None
         self._receives: dict[int, tuple[np.ndarray, Any]] = {}
         self._sends: list[tuple[Any, np.ndarray]] = []
         if comm is not None:
@@ -247,17 +252,25 @@ class Watchdog:
                         + (f"; {others}" if others else ""), TIMEOUT_EXIT_CODE)
         armed = self._armed
         if armed is None or self.state == FAILED:
+            self._stuck_since = None
             return None
         waited = now - armed[0]
         sequence, _ = self._place()
         statuses = {p: self._status.get(p) for p in self._peers}
         here = f"rank {self.rank}/{self.size} waits in {armed[1]} (operation #{sequence})"
-        # everyone waits in a collective or has finished, but not in the same operation:
-        # no rank can move again (if one still computes, it may be what the others wait for)
+        # everyone waits in a collective or has finished, but not in the same operation,
+        # as fresh heartbeats have said for OUT_OF_STEP_SECONDS: no rank can move again
+        # (if one still computes, it may be what the others wait for)
         stuck = self._comm is not None and all(
-            s is not None and s[1] in (WAITING, FINISHED) for s in statuses.values()) and \
+            s is not None and s[1] in (WAITING, FINISHED)
+            and now - self._last_seen[p] <= FRESH_STATUS_SECONDS
+            for p, s in statuses.items()) and \
             any(s[1] == FINISHED or s[0] != sequence for s in statuses.values())
-        if stuck and waited > OUT_OF_STEP_SECONDS:
+        if not stuck:
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
+        if stuck and now - self._stuck_since > OUT_OF_STEP_SECONDS:
             details = "; ".join(self._where(p) for p, s in statuses.items()
                                 if s[1] == FINISHED or s[0] != sequence)
             return ("CollectiveTimeoutError",

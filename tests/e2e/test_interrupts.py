@@ -16,7 +16,8 @@ from tests.netns import mpirun_path
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["-m", "distsgd.train", "--epochs", "30", "--quiet", "--seed", "5"]
+# long enough (about 5 s at 2 ranks here) that the signal lands mid-training, not at exit
+TRAIN = ["-m", "distsgd.train", "--epochs", "150", "--quiet", "--seed", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_a_second_signal_aborts_at_once(tmp_path):
 
 def test_ctrl_c_in_one_process_stops_at_a_step_too(tmp_path):
     directory = tmp_path / "ckpt"
-    job = subprocess.Popen([sys.executable, "-m", "distsgd.train", "--epochs", "1000",
+    job = subprocess.Popen([sys.executable, "-m", "distsgd.train", "--epochs", "100000",
                             "--quiet", "--checkpoint-dir", directory], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={k: v for k, v in os.environ.items()
