@@ -72,10 +72,13 @@ __all__ = ["ChunkConsumer", "ChunkPart", "GradientAggregator", "Kind", "Mismatch
            "Reduction", "StepPlan"]
 
 
-#: A chunk that needs no message is read where its gradients lie if it has at most this
-#: many pieces; one of more (small tensors) is packed first, so that one update call
-#: covers them all.
+#: A chunk that needs no message is read where its gradients lie, one update call per
+#: piece, unless it has more than MAX_PIECES_IN_PLACE pieces of fewer than
+#: MIN_MEAN_PIECE_ELEMENTS_IN_PLACE elements on average: then they are packed first, so
+#: that one update call covers them all (a call costs about as much as updating a few
+#: thousand elements; the copy, one more pass).
 MAX_PIECES_IN_PLACE = 4
+MIN_MEAN_PIECE_ELEMENTS_IN_PLACE = 16384
 
 
 #: A reduced run of a chunk: ``(chunk, elements, offset of elements[0] in the chunk)``.
@@ -415,7 +418,9 @@ class GradientAggregator:
                 self._reduce_chunk_(plan, chunk, values, grads, False, label)
                 consumer.consume(((chunk, values, 0),))
                 continue
-            elif bucket.route is Route.LOCAL and len(chunk.pieces) <= MAX_PIECES_IN_PLACE:
+            elif bucket.route is Route.LOCAL and (
+                    len(chunk.pieces) <= MAX_PIECES_IN_PLACE
+                    or chunk.size >= MIN_MEAN_PIECE_ELEMENTS_IN_PLACE * len(chunk.pieces)):
                 local.extend((chunk, view, offset) for view, offset in chunk.views(grads))
                 continue
             else:

@@ -145,13 +145,21 @@ class UpdateEngine:
 
 
 def _shares(parts: Sequence[ChunkPart], workers: int) -> list[Sequence[ChunkPart]]:
-    """Split ``parts`` into at most ``workers`` contiguous runs of about equal size."""
+    """Split ``parts`` into ``workers`` contiguous runs of equal size (to an element),
+    cutting a part in two where a run ends."""
     total = sum(values.size for _, values, _ in parts)
-    shares, first, done = [], 0, 0
-    for i, (_, values, _) in enumerate(parts):
-        done += values.size
-        if done * workers >= total * (len(shares) + 1) and len(shares) < workers - 1:
-            shares.append(parts[first:i + 1])
-            first = i + 1
-    shares.append(parts[first:])
+    bounds = [total * (w + 1) // workers for w in range(workers)]
+    shares: list[list[ChunkPart]] = [[]]
+    done = 0
+    for chunk, values, offset in parts:
+        start = 0
+        while start < values.size:
+            room = bounds[len(shares) - 1] - done
+            if room == 0:
+                shares.append([])
+                continue
+            take = min(room, values.size - start)
+            shares[-1].append((chunk, values[start:start + take], offset + start))
+            start += take
+            done += take
     return [s for s in shares if s]

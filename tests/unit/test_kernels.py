@@ -171,7 +171,7 @@ def test_threaded_steps_equal_one_thread(threads, monkeypatch):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 7])
-def test_thread_shares_cover_every_chunk_once_in_order(workers):
+def test_thread_shares_cover_every_element_once_in_order_and_are_equal(workers):
     from distsgd.distribute.layout import Entry, Route, plan_buckets, plan_chunks
     from distsgd.optimizers.engine import _shares
 
@@ -179,12 +179,14 @@ def test_thread_shares_cover_every_chunk_once_in_order(workers):
     entries = [Entry(i, f32, Route.LOCAL, (n,)) for i, n in
                enumerate([10, 0, 25, 3, 40, 7, 90])]
     chunks = plan_chunks(plan_buckets(entries, 1 << 20), 40)  # 10 elements a chunk
-    parts = [(c, np.zeros(c.size, f32), 0) for c in chunks]
+    parts = [(c, np.arange(c.size, dtype=f32) + 1000 * c.index, 0) for c in chunks]
     shares = _shares(parts, workers)
-    assert [p[0].index for share in shares for p in share] == list(range(len(chunks)))
     assert 1 <= len(shares) <= workers
+    flat = [(p[0].index, p[2] + i, p[1][i]) for share in shares for p in share
+            for i in range(p[1].size)]
+    assert flat == [(c.index, i, i + 1000 * c.index) for c in chunks for i in range(c.size)]
     sizes = [sum(p[1].size for p in share) for share in shares]
-    assert max(sizes) - min(sizes) <= 2 * max(c.size for c in chunks)
+    assert max(sizes) - min(sizes) <= 1
 
 
 def test_default_num_threads_splits_cores_between_local_ranks(monkeypatch):
