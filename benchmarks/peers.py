@@ -1,6 +1,7 @@
 """distsgd against PyTorch on this machine, side by side; writes benchmarks/RESULTS.md's
-peer section. The update, allreduce and mlp parts need torch (``pip install
-torch==2.13.0`` here, a CPU build); without it they are skipped with a message. Each
+peer section. The update, allreduce and mlp parts need torch (the ``peers`` extra:
+``pip install -e '.[peers]' --extra-index-url https://download.pytorch.org/whl/cpu``,
+the CPU build; 2.13.0 here); without it they are skipped with a message. Each
 run keeps its parts' figures in benchmarks/peers.json, and the section shows the latest
 figures of every part, so parts can be re-run alone.
 
@@ -354,7 +355,7 @@ def main() -> int:
     except ImportError:
         skipped = [part for part in chosen if part in NEEDS_TORCH]
         if skipped:
-            print(f"parts {skipped} need torch (pip install torch==2.13.0, a CPU build): "
+            print(f"parts {skipped} need torch (the peers extra, see this file's docstring): "
                   "skipped")
         chosen = [part for part in chosen if part not in NEEDS_TORCH]
         torch = None
