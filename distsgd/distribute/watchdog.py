@@ -55,10 +55,12 @@ _TAG = 7312
 _STATUS_BYTES = 256
 _INTS = 4  # sequence, state, pid, signal
 # states a heartbeat reports
-COMPUTING, WAITING, WORKING, FINISHED, FAILED = 0, 1, 2, 3, 4
+COMPUTING, WAITING, WORKING, FINISHED, FAILED, STOPPED = 0, 1, 2, 3, 4, 5
 _STATE_NAMES = {COMPUTING: "computing outside distsgd", WAITING: "waiting in",
                 WORKING: "working in", FINISHED: "finished its program",
-                FAILED: "failing with"}
+                FAILED: "failing with", STOPPED: "stopped its heartbeats"}
+#: At the end, how long to wait for the peers' last heartbeats.
+STOP_SECONDS = 2.0
 
 
 def heartbeat_timeout_from_environment() -> float:
@@ -141,9 +143,28 @@ class Watchdog:
         return min([self.rank, *failed])
 
     def stop(self) -> None:
-        """End the thread and cancel its messages (all ranks finished)."""
+        """End the thread, then end the heartbeat streams (all ranks finished).
+
+        Each rank sends every peer a last status, STOPPED, and takes the peers' statuses
+        until each one's STOPPED arrives (messages from one sender do not overtake each
+        other), so no heartbeat is left unreceived at ``MPI_Finalize`` (UCX warns about
+        those on stdout). A peer that sends no STOPPED within STOP_SECONDS is given up on.
+        """
         self._stop.set()
         self._stopped.wait(2.0)
+        if self._comm is not None:
+            self.state = STOPPED
+            self._beat(always=True)
+            # a peer's STOPPED may have come in before this thread stopped
+            open_streams = {p for p in self._peers
+                            if self._status.get(p, (0, COMPUTING))[1] != STOPPED}
+            deadline = time.monotonic() + STOP_SECONDS
+            while open_streams and time.monotonic() < deadline:
+                self._listen(time.monotonic(), until_stopped=open_streams)
+                time.sleep(0.002)
+            for request, _ in self._sends:
+                while not _done(request) and time.monotonic() < deadline:
+                    time.sleep(0.002)
         for _, request in self._receives.values():
             try:
                 request.Cancel()
@@ -188,7 +209,7 @@ class Watchdog:
 
     def _status_bytes(self) -> np.ndarray:
         sequence, operation = self._place()
-        state = self.state if self.state == FAILED else \
+        state = self.state if self.state in (FAILED, STOPPED) else \
             WAITING if self._armed is not None else self.state
         if self._failure is not None:
             operation = self._failure
@@ -199,11 +220,11 @@ class Watchdog:
         buffer[8 * _INTS:8 * _INTS + len(text)] = np.frombuffer(text, dtype=np.uint8)
         return buffer
 
-    def _beat(self) -> None:
+    def _beat(self, always: bool = False) -> None:
         status = self._status_bytes()
         self._sends = [(r, b) for r, b in self._sends if not _done(r)]
-        if len(self._sends) > 8 * len(self._peers):  # peers not reading: do not pile up
-            return
+        if len(self._sends) > 8 * len(self._peers) and not always:
+            return  # peers not reading: do not pile up
         for peer in self._peers:
             copy = status.copy()
             self._sends.append((self._comm.Isend(copy, dest=peer, tag=_TAG), copy))
@@ -212,14 +233,21 @@ class Watchdog:
         buffer = np.zeros(_STATUS_BYTES, dtype=np.uint8)
         self._receives[peer] = (buffer, self._comm.Irecv(buffer, source=peer, tag=_TAG))
 
-    def _listen(self, now: float) -> None:
-        for peer in self._peers:
+    def _listen(self, now: float, until_stopped: set[int] | None = None) -> None:
+        """Take every status that arrived (the last one counts). ``until_stopped``: the
+        peers whose stream is still open; one whose STOPPED arrives leaves the set, and no
+        receive is posted for it again."""
+        for peer in self._peers if until_stopped is None else list(until_stopped):
             buffer, request = self._receives[peer]
-            while _done(request):  # take every status that arrived; the last one counts
+            while _done(request):
                 ints = buffer[:8 * _INTS].view(np.int64).tolist()
                 label = bytes(buffer[8 * _INTS:]).rstrip(b"\0").decode(errors="replace")
                 self._status[peer] = (*ints, label)
                 self._last_seen[peer] = now
+                if until_stopped is not None and ints[1] == STOPPED:
+                    until_stopped.discard(peer)
+                    del self._receives[peer]
+                    break
                 self._post_receive(peer)
                 buffer, request = self._receives[peer]
 

@@ -148,3 +148,32 @@ def test_abort_ends_the_whole_job_after_the_reason_is_forwarded(monkeypatch):
     communicator.abort(3)
     communicator.free()
     assert calls == [("alarm", comm_lib.ABORT_GRACE_SECONDS), ("abort", 3)]
+
+
+def test_free_ends_every_heartbeat_stream_so_none_is_left_unreceived():
+    """Each rank's last heartbeat is STOPPED, and a rank frees its communicator only after
+    every peer's STOPPED arrived: nothing is left for MPI_Finalize (UCX warned about such
+    messages on stdout, after the training program's final line)."""
+    import time
+
+    from distsgd.distribute import comm as comm_lib
+    from distsgd.distribute import watchdog as watchdog_lib
+
+    communicator = comm_lib.MPICommunicator()
+    watchdog = communicator._watchdog
+    if watchdog is None or communicator.size == 1:
+        communicator.free()
+        pytest.skip("heartbeats need MPI_THREAD_MULTIPLE and two ranks")
+    time.sleep(2.5 * watchdog_lib.HEARTBEAT_SECONDS)  # some heartbeats in flight
+    heartbeats = communicator._heartbeats
+    started = time.monotonic()
+    watchdog.stop()
+    assert time.monotonic() - started < watchdog_lib.STOP_SECONDS
+    assert not watchdog._receives and not watchdog._sends
+    assert {peer: status[1] for peer, status in watchdog._status.items()} == {
+        peer: watchdog_lib.STOPPED for peer in range(communicator.size)
+        if peer != communicator.rank}
+    mpi = communicator._MPI
+    assert not heartbeats.Iprobe(source=mpi.ANY_SOURCE, tag=mpi.ANY_TAG)
+    communicator._watchdog = None
+    communicator.free()
