@@ -298,7 +298,9 @@ class Watchdog:
             self._stuck_since = None
         elif self._stuck_since is None:
             self._stuck_since = now
-        if stuck and now - self._stuck_since > OUT_OF_STEP_SECONDS:
+        # ... within this one collective: a rank that re-arms every millisecond, with
+        # statuses of peers that are a few steps behind it, is moving, not stuck
+        if stuck and now - max(self._stuck_since, armed[0]) > OUT_OF_STEP_SECONDS:
             details = "; ".join(self._where(p) for p, s in statuses.items()
                                 if s[1] == FINISHED or s[0] != sequence)
             return ("CollectiveTimeoutError",
