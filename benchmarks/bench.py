@@ -556,6 +556,32 @@ def _json_result(command: list[str], what: str, **kwargs) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def threads_env(threads: int) -> dict[str, str]:
+    """This environment with ``threads`` BLAS, OpenMP and distsgd update threads per rank.
+    OPENBLAS_CORETYPE/_L2_SIZE (set on some machines for old OpenBLAS builds) slow a
+    current numpy: unset here only."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                 "DISTSGD_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+def train_metrics(ranks: int, *args: str, threads: int = 1) -> list[dict]:
+    """``mpirun -n ranks python -m distsgd.train *args --quiet``: its metrics, an epoch
+    a row."""
+    metrics = Path(f"/tmp/distsgd-bench-train-{os.getpid()}.jsonl")
+    metrics.unlink(missing_ok=True)
+    command = ["mpirun", "-n", str(ranks), sys.executable, "-m", "distsgd.train", *args,
+               "--quiet", "--metrics", str(metrics)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                            env=threads_env(threads))
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
 def bench_scaling() -> dict:
     """The issue's job, ``python -m distsgd.train --synthetic-params 3000000``, at 1 rank
     with one BLAS thread, 1 rank with every core, and one rank per core with one thread
@@ -564,22 +590,9 @@ def bench_scaling() -> dict:
     cores = os.cpu_count() or 1
     rows = {}
     for ranks, threads in ((1, 1), (1, cores), (cores, 1)):
-        # OPENBLAS_CORETYPE/_L2_SIZE (set on some machines for old OpenBLAS builds) slow a
-        # current numpy: unset here only.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DISTSGD_NUM_THREADS"):
-            env[name] = str(threads)
-        metrics = f"/tmp/distsgd-scaling-{ranks}x{threads}.jsonl"
-        result = subprocess.run(
-            ["mpirun", "-n", str(ranks), sys.executable, "-m", "distsgd.train",
-             "--synthetic-params", "3000000", "--epochs", "4", "--metrics", metrics,
-             "--quiet"], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-        if result.returncode != 0:
-            raise SystemExit(f"scaling run at {ranks} ranks failed:\n{result.stderr[-3000:]}")
-        lines = Path(metrics).read_text().splitlines()
-        rows[f"{ranks} rank(s) x {threads} thread(s)"] = json.loads(lines[-1])[
-            "samples_per_second"]
+        epochs = train_metrics(ranks, "--synthetic-params", "3000000", "--epochs", "4",
+                               threads=threads)
+        rows[f"{ranks} rank(s) x {threads} thread(s)"] = epochs[-1]["samples_per_second"]
     base = rows["1 rank(s) x 1 thread(s)"]
     return {"samples_per_second": rows, "over_one_core": {k: v / base for k, v in rows.items()}}
 
@@ -671,7 +684,7 @@ def main() -> int:
         from benchmarks.invariance import bench_invariant_job
 
         results["invariant"] = {"aggregate": run_under_mpirun(2, "invariant"),
-                                "job": bench_invariant_job(ROOT)}
+                                "job": bench_invariant_job()}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
     report(results)

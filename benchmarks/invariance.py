@@ -15,9 +15,6 @@ program's samples/s with the mode on and off, at 1 and 2 ranks, launches alterna
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -133,25 +130,16 @@ def _relative_error(got, reference):
             "max_over_float32_epsilon": float(np.max(scaled))}
 
 
-def bench_invariant_job(root: Path) -> dict:
+def bench_invariant_job() -> dict:
     """samples/s of the training program with the mode off and on, at 1 and 2 ranks."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"
+    from benchmarks.bench import train_metrics
+
     rates: dict[str, list[float]] = {}
     for _ in range(3):
         for ranks in (1, 2):
             for mode in ("off", "on"):
-                metrics = Path(f"/tmp/distsgd-invariant-{ranks}-{mode}.jsonl")
                 extra = ["--world-size-invariant"] if mode == "on" else []
-                result = subprocess.run(
-                    ["mpirun", "-n", str(ranks), sys.executable, "-m", "distsgd.train",
-                     "--epochs", "4", "--quiet", "--metrics", str(metrics), *extra],
-                    capture_output=True, text=True, timeout=900, cwd=root, env=env)
-                if result.returncode != 0:
-                    raise SystemExit(f"training ({ranks} ranks, mode {mode}) failed:\n"
-                                     f"{result.stderr[-3000:]}")
-                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+                rows = train_metrics(ranks, "--epochs", "4", *extra)
                 rates.setdefault(f"{ranks}-{mode}", []).append(
                     float(np.median([r["samples_per_second"] for r in rows[1:]])))
     medians = {key: float(np.median(values)) for key, values in rates.items()}

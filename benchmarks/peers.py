@@ -42,12 +42,9 @@ BUCKET_BYTES = 25 << 20
 
 
 def _env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), DISTSGD_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT))
-    return env
+    from benchmarks.bench import threads_env
+
+    return {**threads_env(threads), "PYTHONPATH": str(ROOT)}
 
 
 def _child(ranks: int, part: str, *args: str, threads: int = 1) -> dict:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import operator
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -153,7 +152,9 @@ class GradientAggregator:
         self._results = ScratchBuffers()  # kept results: one array per dtype
         self._chunk_buffers = ScratchBuffers()  # streamed chunks
         self._overlap_buffers = ScratchBuffers()  # the communication thread's chunks
-        self._overlaps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # buffer -> its overlapped reduction (kept for the process's life: the reduction's
+        # thread waits for the buffer's next step)
+        self._overlaps: dict[Any, OverlappedReduction] = {}
 
     @property
     def distributed(self) -> bool:
@@ -215,10 +216,7 @@ class GradientAggregator:
         if overlapped is not None:  # reduced during the backward pass: update locally
             with timeline.span("aggregate"):
                 missing = overlapped.finish()
-                every = self.replica_check_every_steps
-                if every and self.replica_check is not None and (step + 1) % every == 0 \
-                        and replica_state is not None:
-                    self.replica_check(replica_state())
+                self._check_replicas_if_due(step, replica_state)
             grads = [None if i in missing else g for i, g in enumerate(buffer.grads)]
             all_dense, aggregate = not missing, False
         self._tree_step = None
@@ -228,6 +226,14 @@ class GradientAggregator:
                                 accumulator)
         finally:
             self._tree_step = None
+
+    def _check_replicas_if_due(self, step: int,
+                               replica_state: Callable[[], Sequence[Variable]] | None) -> None:
+        """The periodic replica check, every ``replica_check_every_steps`` steps."""
+        every = self.replica_check_every_steps
+        if every and self.replica_check is not None and replica_state is not None \
+                and (step + 1) % every == 0:
+            self.replica_check(replica_state())
 
     def overlap(self, buffer: Any, step: Callable[[], int]) -> bool:
         """Reduce ``buffer``'s chunks as the backward pass marks its gradients ready
@@ -266,10 +272,8 @@ class GradientAggregator:
             where = self.position() if self.position is not None else None
             label = f"gradient aggregation at step {step}" + (f" ({where})" if where else "")
             plan = self._agree(grads, variables, label, all_dense, aggregate, step, local_kinds)
-            every = self.replica_check_every_steps
-            if every and aggregate and self.replica_check is not None \
-                    and (step + 1) % every == 0 and replica_state is not None:
-                self.replica_check(replica_state())
+            if aggregate:
+                self._check_replicas_if_due(step, replica_state)
             if consumer is not None:
                 consumer.prepare(plan)
             if local_kinds is not None:  # the accumulator's tree, densified leaves and all

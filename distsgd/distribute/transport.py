@@ -49,12 +49,6 @@ def bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "BFLOAT16":
-        return bfloat16()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class Transport(Protocol):
     """Sums chunks over ranks for the buckets it carries."""
 

@@ -8,7 +8,6 @@ optimizer keeps for its last ``var_list``, or, for a list of micro-batches, into
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -93,8 +92,7 @@ class LossMixin:
 
         variables = list(_flatten(var_list() if callable(var_list) else var_list))
         accumulator = self._accumulator
-        if accumulator is None or len(accumulator.variables) != len(variables) or \
-                not all(map(operator.is_, accumulator.variables, variables)):
+        if accumulator is None or not accumulator.buffer.is_for(variables):
             accumulator = self._accumulator = GradientAccumulator(variables)
         for item in losses:
             if not isinstance(item, tuple | list) or len(item) != 2 or not callable(item[1]):

@@ -239,6 +239,9 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
     accumulator = distsgd.GradientAccumulator(variables) if args.micro_batches else None
     if accumulator is None and args.overlap:
         optimizer.overlap(grads)  # chunks cross ranks while the backward pass goes on
+    # where the backward pass writes, and what a step applies
+    written, applied = (grads, grads) if accumulator is None else \
+        (accumulator.buffer, accumulator)
     batches = ShardedBatches([data.x_train, data.y_train], args.batch_size, strategy,
                              seed=args.seed)
     steps_per_epoch = batches.steps_per_epoch
@@ -283,14 +286,13 @@ def _train(args: argparse.Namespace, strategy: Any) -> int:
                     for index, (x, y) in parts:
                         # the loss is scaled by the global batch: P ranks' summed gradients
                         # are one process's on the whole batch
-                        target = grads if accumulator is None else accumulator.buffer
-                        value += model.loss_and_gradients(x, y, 1 / args.batch_size, target,
-                                                          ready=target.ready)
+                        value += model.loss_and_gradients(x, y, 1 / args.batch_size, written,
+                                                          ready=written.ready)
                         if accumulator is not None:  # one micro-batch at a time
                             accumulator.add(index=index)
                         examples += len(y)
                 # the variables' strategy aggregates
-                optimizer.apply_gradients(grads if accumulator is None else accumulator)
+                optimizer.apply_gradients(applied)
                 global_step += 1
                 loss_sum += value * args.batch_size
                 if global_step - start == 1 and os.environ.get("DISTSGD_FIRST_STEP_MARK"):

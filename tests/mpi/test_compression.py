@@ -10,9 +10,11 @@ import distsgd
 from distsgd import VariableAggregation as Agg
 from distsgd import VariableSynchronization as Sync
 from distsgd.distribute import MismatchError, MPIStrategy
-from distsgd.distribute.transport import BFLOAT16
+from distsgd.distribute.transport import bfloat16
 from distsgd.optimizers import SGD
 from tests.mpi.conftest import assert_replicas_identical
+
+BFLOAT16 = bfloat16()
 
 pytestmark = pytest.mark.mpi
 

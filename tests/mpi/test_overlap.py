@@ -34,7 +34,7 @@ def _train(overlap, backward, missing=(), steps=4):
     buffer = distsgd.GradientBuffer(variables)
     if overlap:
         opt.overlap(buffer)
-    for step in range(steps):
+    for _ in range(steps):
         weights = [rng.standard_normal(s).astype(d) for s, d, _, _ in LAYOUT]
         skipped = {i for i in missing if i != "rank 0" or strategy.rank == 0}
         skipped = {i if isinstance(i, int) else 1 for i in skipped}
@@ -50,7 +50,6 @@ def _train(overlap, backward, missing=(), steps=4):
                 buffer.ready(i)
             buffer.missing = frozenset(skipped)
         opt.apply_gradients(buffer)
-        del step
     return strategy, [v.numpy() for v in variables] + [w.numpy() for w in opt.weights]
 
 

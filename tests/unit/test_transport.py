@@ -8,13 +8,15 @@ import distsgd
 from distsgd.distribute import MPIStrategy, Strategy, replica_share
 from distsgd.distribute.layout import Route
 from distsgd.distribute.transport import (
-    BFLOAT16,
     BFloat16Transport,
     ExactTransport,
+    bfloat16,
     make_transport,
     shard_counts,
 )
 from distsgd.optimizers import SGD
+
+BFLOAT16 = bfloat16()
 
 NEXT_BINADE = 2.0 ** 128  # where the value after bfloat16's largest finite one would be
 
